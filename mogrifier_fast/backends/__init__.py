@@ -1,0 +1,133 @@
+"""The backend registry.
+
+A backend runs one direction of one layer over a whole sequence::
+
+    run(x, h0, c0, params) -> (output, h_T, c_T)
+    x: (T, B, I); h0, c0: (B, H); params: LayerParams; output: (T, B, H); h_T, c_T: (B, H)
+
+and says on which devices it can run. Every backend computes the same function as
+:func:`mogrifier_fast.mogrify.mogrifier_lstm_step` looped over time, with the same gradients.
+Built-in backends are imported lazily by name; :func:`register` adds others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from mogrifier_fast.mogrify import LayerParams
+
+RunFn = Callable[[Tensor, Tensor, Tensor, LayerParams], tuple[Tensor, Tensor, Tensor]]
+
+
+def runs_everywhere(device: torch.device) -> str | None:
+    """The availability check of a backend made of plain torch ops: it runs on any device."""
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named way to run the recurrence.
+
+    ``unavailable_reason(device)`` returns None where the backend runs on ``device``, else a
+    short reason it does not.
+    """
+
+    name: str
+    run: RunFn
+    unavailable_reason: Callable[[torch.device], str | None] = field(default=runs_everywhere)
+
+
+class BackendUnavailableError(ValueError, RuntimeError):
+    """A known backend cannot run here (on this device, or without an optional package)."""
+
+
+# Every backend name of the public contract, and the module that defines its ``BACKEND``
+# (None: not part of this release yet).
+BUILTIN_MODULES: dict[str, str | None] = {
+    "reference": "mogrifier_fast.reference",
+    "fused": None,
+    "compile": None,
+    "script": None,
+    "triton": None,
+    "cudnn": None,
+    "persistent": None,
+}
+
+# What "auto" tries, fastest first, by device type; the first that runs is taken.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference",),
+    "cuda": ("reference",),
+}
+DEFAULT_PREFERENCE: tuple[str, ...] = ("reference",)
+
+_registered: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add (or replace) a backend under ``backend.name``; returns it."""
+    if backend.name == "auto":
+        raise ValueError("backend.name: 'auto' is reserved for automatic selection")
+    _registered[backend.name] = backend
+    _load.cache_clear()
+    return backend
+
+
+def backend_names() -> list[str]:
+    """Every backend name ``MogrifierLSTM(backend=...)`` accepts, "auto" included."""
+    return ["auto", *dict.fromkeys([*BUILTIN_MODULES, *_registered])]
+
+
+def check_backend_name(name: object) -> None:
+    """Raise ValueError (TypeError for a non-string) unless ``name`` is a known backend name."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a str, got {type(name).__name__}")
+    if name not in backend_names():
+        raise ValueError(f"backend: unknown backend {name!r}; expected one of {backend_names()}")
+
+
+@cache
+def _load(name: str) -> Backend | str:
+    """The backend called ``name``, or the reason it cannot be loaded here."""
+    if name in _registered:
+        return _registered[name]
+    module_name = BUILTIN_MODULES[name]
+    if module_name is None:
+        return "not implemented in this release"
+    try:
+        return importlib.import_module(module_name).BACKEND
+    except ImportError as error:
+        return f"its dependencies are missing ({error})"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` runs on ``device`` here, else why not."""
+    backend = _load(name)
+    return backend if isinstance(backend, str) else backend.unavailable_reason(device)
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that run on ``device`` on this machine ("auto" is never listed)."""
+    device = torch.device(device)
+    return [name for name in backend_names()[1:] if unavailable_reason(name, device) is None]
+
+
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend to run for ``name`` on ``device``; "auto" picks the fastest that runs."""
+    if name == "auto":
+        preference = AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE)
+        name = next((n for n in preference if unavailable_reason(n, device) is None), "reference")
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend={name!r} cannot run on device {device}: {reason}; "
+            f"available there: {available_backends(device)}"
+        )
+    backend = _load(name)
+    assert isinstance(backend, Backend)
+    return backend

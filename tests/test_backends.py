@@ -1,0 +1,144 @@
+"""Every backend, by name, against the independent oracle: forward and backward.
+
+A backend is tested here by being registered: this module is parametrised over
+``available_backends("cpu")``. Tolerances are DESIGN.md's: relative error <= 1e-9 in float64 and
+<= 1e-4 in float32 (a backend may refuse float64 with a TypeError, none may refuse float32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mogrifier_fast as mf
+from tests.helpers import TOLERANCE, Case, oracle_and_grad, random_cases, rel_err, run_and_grad
+
+BACKENDS = mf.available_backends("cpu")
+
+# Each feature on its own, then random mixtures of all of them.
+FEATURE_CASES = [
+    Case({"input_size": 5, "hidden_size": 7, "rounds": 0}, steps=4, batch=3),
+    Case({"input_size": 5, "hidden_size": 7, "rounds": 5}, steps=4, batch=3),
+    Case({"input_size": 6, "hidden_size": 4, "rounds": 6, "rank": 2}, steps=3, batch=2),
+    Case({"input_size": 4, "hidden_size": 6, "rounds": 5, "share_rounds": True}, steps=3, batch=2),
+    Case(
+        {"input_size": 4, "hidden_size": 6, "rounds": 3, "bias": False, "mogrifier_bias": False},
+        steps=3,
+        batch=2,
+    ),
+    Case(
+        {"input_size": 3, "hidden_size": 5, "rounds": 4, "num_layers": 3},
+        steps=3,
+        batch=2,
+        with_hx=True,
+    ),
+    Case(
+        {"input_size": 3, "hidden_size": 5, "rounds": 5, "bidirectional": True, "num_layers": 2},
+        steps=4,
+        batch=2,
+    ),
+    Case(
+        {"input_size": 3, "hidden_size": 5, "rounds": 2, "batch_first": True},
+        steps=4,
+        batch=3,
+        with_hx=True,
+    ),
+    Case(
+        {"input_size": 3, "hidden_size": 5, "rounds": 5, "bidirectional": True},
+        steps=4,
+        batch=1,
+        unbatched=True,
+        with_hx=True,
+    ),
+    Case({"input_size": 8, "hidden_size": 8, "rounds": 1, "rank": 8}, steps=1, batch=5),
+]
+CASES = FEATURE_CASES + random_cases(24, seed=1)
+
+
+def check_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
+    layer, x, hx = case.build(dtype=dtype, backend=backend)
+    try:
+        outputs, gradients = run_and_grad(layer, x, hx)
+    except TypeError as error:
+        if dtype == torch.float32:
+            raise
+        pytest.skip(f"backend {backend!r} refuses float64: {error}")
+    expected_outputs, expected_gradients = oracle_and_grad(layer, x, hx)
+    tolerance = TOLERANCE[dtype]
+    for name, got, want in zip(("output", "h_n", "c_n"), outputs, expected_outputs, strict=True):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert rel_err(got, want) <= tolerance, f"{name}: relative error {rel_err(got, want):.2e}"
+    names = ["input", *(["h_0", "c_0"] if hx else []), *(n for n, _ in layer.named_parameters())]
+    for name, got, want in zip(names, gradients, expected_gradients, strict=True):
+        assert rel_err(got, want) <= tolerance, (
+            f"grad of {name}: relative error {rel_err(got, want):.2e}"
+        )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_oracle_float64(backend: str, case: Case) -> None:
+    check_against_oracle(backend, case, torch.float64)
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_oracle_float32(backend: str, case: Case) -> None:
+    check_against_oracle(backend, case, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_larger_sizes_float32(backend: str) -> None:
+    """Sizes past any small-size special case (vector widths, blocks), low rank included."""
+    for rank in (None, 16):
+        case = Case(
+            {"input_size": 40, "hidden_size": 72, "rounds": 5, "rank": rank, "num_layers": 2},
+            steps=9,
+            batch=17,
+        )
+        check_against_oracle(backend, case, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend: str) -> None:
+    """torch.autograd.gradcheck in float64 on small sizes: finite differences, no oracle."""
+    case = Case(
+        {"input_size": 3, "hidden_size": 4, "rounds": 5, "rank": 2, "bidirectional": True},
+        steps=3,
+        batch=2,
+        with_hx=True,
+    )
+    layer, x, hx = case.build(dtype=torch.float64, backend=backend)
+    names = [name for name, _ in layer.named_parameters()]
+
+    def function(x, h0, c0, *params):
+        parameters = dict(zip(names, params, strict=True))
+        out, (h_n, c_n) = torch.func.functional_call(layer, parameters, (x, (h0, c0)))
+        return out, h_n, c_n
+
+    inputs = (x, *hx, *(p.detach().clone().requires_grad_() for p in layer.parameters()))
+    assert torch.autograd.gradcheck(function, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_works_or_raises_clearly(backend: str) -> None:
+    case = Case({"input_size": 2, "hidden_size": 3, "rounds": 3}, steps=2, batch=2)
+    layer, x, _ = case.build(dtype=torch.float64, backend=backend)
+
+    def function(x):
+        return layer(x)[0]
+
+    try:
+        assert torch.autograd.gradgradcheck(function, (x,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    except RuntimeError as error:
+        assert "twice" in str(error) or "double backward" in str(error), str(error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_is_deterministic(backend: str) -> None:
+    case = Case({"input_size": 4, "hidden_size": 5, "rounds": 5, "num_layers": 2}, steps=5, batch=3)
+    layer, x, hx = case.build(dtype=torch.float32, backend=backend)
+    first = run_and_grad(layer, x, hx)
+    second = run_and_grad(layer, x, hx)
+    for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1]), strict=True):
+        assert torch.equal(a, b)
