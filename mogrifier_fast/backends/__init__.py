@@ -51,7 +51,7 @@ class BackendUnavailableError(ValueError, RuntimeError):
 # (None: not part of this release yet).
 BUILTIN_MODULES: dict[str, str | None] = {
     "reference": "mogrifier_fast.reference",
-    "fused": None,
+    "fused": "mogrifier_fast.backends.fused",
     "compile": None,
     "script": None,
     "triton": None,
@@ -61,10 +61,10 @@ BUILTIN_MODULES: dict[str, str | None] = {
 
 # What "auto" tries, fastest first, by device type; the first that runs is taken.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("reference",),
-    "cuda": ("reference",),
+    "cpu": ("fused", "reference"),
+    "cuda": ("fused", "reference"),
 }
-DEFAULT_PREFERENCE: tuple[str, ...] = ("reference",)
+DEFAULT_PREFERENCE: tuple[str, ...] = ("fused", "reference")
 
 _registered: dict[str, Backend] = {}
 
