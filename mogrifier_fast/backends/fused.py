@@ -5,11 +5,11 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
 * **Powers of two folded into weights.** Round j computes ``v_j = 2 σ(W_j v_{j-1} + b_j) ⊙ v_{j-2}``
   (with ``v_{-1} = x``, ``v_0 = h``). Writing ``v_j = 2^{d_j} u_j`` (d_j rounds have doubled it)
   gives ``u_j = σ(2^{d_{j-1}} W_j u_{j-1} + b_j) ⊙ u_{j-2}``: the doublings move into the weights,
-  scaled once per call (exactly: powers of two), so a round is one GEMM and one ``glu``.
-* **One buffer layout for forward and backward.** ``u_{j-2}`` and the pre-activation ``z_j`` sit
-  side by side in one (B, 2·size) row block, so ``glu`` computes ``u_j`` and ``glu_backward`` both
-  gradients in one call each; each state is written once, straight into the place its consumer
-  reads it from (the next glu block, or the concatenated [x, h] of the gate GEMM).
+  scaled once per call (exactly: powers of two), so a round is one product, one in-place
+  sigmoid and one multiply.
+* **Each state written once, where it is read.** The two states that enter the gate product are
+  written straight into their halves of the concatenated [x, h] row block, so the gate product
+  is one GEMM; the others live in per-state buffers kept for the backward.
 * **tanh as a scaled sigmoid.** The g-gate rows of the gate weights are doubled, so one sigmoid
   (fused into the oneDNN GEMM where that is faster) serves all four gates: tanh(g) = 2σ(2g) − 1.
 * **Data gradients in the loop, weight gradients after it**: the backward chain carries only
@@ -29,13 +29,15 @@ from torch import Tensor
 from mogrifier_fast.backends import Backend
 from mogrifier_fast.mogrify import LayerParams
 
-# A per-step product of at least this many multiply-adds runs faster through oneDNN's packed
-# linear than through addmm on the CPUs measured (DESIGN.md section 4); below it, oneDNN's
-# fixed cost per call (~12 us) dominates.
-ONEDNN_MIN_MACS = 1 << 22
+# Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
+# through addmm on the CPUs measured (DESIGN.md section 4); below it, oneDNN's fixed cost per
+# call (~12 us) dominates. From ONEDNN_PACK_MACS on, packing the weight once per call (~0.1-0.2
+# ms) pays for itself within a few dozen steps.
+ONEDNN_MIN_MACS = 1 << 21
+ONEDNN_PACK_MACS = 1 << 23
+# The backward prepares its per-step factors for chunks of steps of about this many bytes.
+CHUNK_BYTES = 1 << 18
 
-_glu = torch._C._nn.glu
-_glu_backward = torch.ops.aten.glu_backward.grad_input
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 
 
@@ -57,7 +59,7 @@ class _Linear:
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         self.weight_t = weight.t()
         self.bias = bias
-        self.packed = None
+        self.onednn = None  # the weight as oneDNN's linear takes it, when that is faster here
         macs = rows * weight.shape[0] * weight.shape[1]
         if (
             weight.device.type == "cpu"
@@ -65,29 +67,47 @@ class _Linear:
             and macs >= ONEDNN_MIN_MACS
             and onednn_linear_available()
         ):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows)
+            self.onednn = weight.contiguous()
+            if macs >= ONEDNN_PACK_MACS:
+                self.onednn = torch.ops.mkldnn._reorder_linear_weight(self.onednn, rows)
 
-    def __call__(self, v: Tensor, out: Tensor, sigmoid: bool = False) -> None:
-        """out = [σ](v W^T + b). v: (B, in), out: (B, out), may be strided views."""
-        if self.packed is not None:
+    def __call__(self, v: Tensor, out: Tensor | None = None, sigmoid: bool = False) -> Tensor:
+        """[σ](v W^T + b) for v (B, in): into ``out`` (B, out) if given, else a new tensor."""
+        if self.onednn is not None:
             activation = "sigmoid" if sigmoid else "none"
-            out.copy_(
-                torch.ops.mkldnn._linear_pointwise(v, self.packed, self.bias, activation, [], "")
+            result = torch.ops.mkldnn._linear_pointwise(
+                v, self.onednn, self.bias, activation, [], ""
             )
-            return
+            return result if out is None else out.copy_(result)
         if self.bias is None:
-            torch.mm(v, self.weight_t, out=out)
+            result = (
+                torch.mm(v, self.weight_t) if out is None else torch.mm(v, self.weight_t, out=out)
+            )
+        elif out is None:
+            result = torch.addmm(self.bias, v, self.weight_t)
         else:
-            torch.addmm(self.bias, v, self.weight_t, out=out)
-        if sigmoid:
-            out.sigmoid_()
+            result = torch.addmm(self.bias, v, self.weight_t, out=out)
+        return result.sigmoid_() if sigmoid else result
 
-    def accumulate(self, v: Tensor, out: Tensor) -> None:
-        """out += v W^T (no bias)."""
-        if self.packed is not None:
-            out.add_(torch.ops.mkldnn._linear_pointwise(v, self.packed, None, "none", [], ""))
-        else:
-            torch.addmm(out, v, self.weight_t, out=out)
+    def accumulate(self, v: Tensor, total: Tensor) -> Tensor:
+        """total + v W^T (no bias): in place into ``total``, or a new tensor from oneDNN."""
+        if self.onednn is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(v, total, self.onednn, None, "add")
+        return torch.addmm(total, v, self.weight_t, out=total)
+
+
+def _rows_product(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """scale · a^T b, summed over all R rows: a (R, m), b (R, n) -> (m, n); a weight gradient.
+
+    On CPU in float32 through oneDNN when it runs here (about 1.6x MKL's rate at these shapes
+    on the CPUs measured; it reads transposed contiguous matrices without copies, but other
+    strides can fall to a slow path), else ``a.t() @ b``."""
+    if a.device.type == "cpu" and a.dtype == torch.float32 and onednn_linear_available():
+        a, b = a.contiguous(), b.contiguous()
+        product = torch.ops.mkldnn._linear_pointwise(a.t(), b.t(), None, "none", [], "")
+    else:
+        product = a.t() @ b
+    return product.mul_(scale) if scale != 1.0 else product
 
 
 @dataclass(frozen=True)
@@ -178,28 +198,25 @@ class _Round:
         else:
             self.linears = [_Linear(scaled[0], bias, rows)]
 
-    def forward(self, u: Tensor, z: Tensor, inner: Tensor | None) -> None:
+    def forward(self, u: Tensor, inner: Tensor | None) -> Tensor:
+        """σ(z) (B, out) for the map input u (B, in); a low-rank map's inner value into ``inner``."""
         if self.low_rank:
-            self.linears[0](u, inner)
-            self.linears[1](inner, z)
-        else:
-            self.linears[0](u, z)
+            return self.linears[1](self.linears[0](u, inner), sigmoid=True)
+        return self.linears[0](u, sigmoid=True)
 
-    def backward(self, dz: Tensor, du: Tensor, inner_grad: Tensor | None) -> None:
-        """du += dz (c·W): accumulated into the gradient of the map's input."""
+    def backward(self, dz: Tensor, du: Tensor, inner_grad: Tensor | None) -> Tensor:
+        """du + dz (c·W): the gradient of the map's input with this round's part added."""
         if self.low_rank:
-            self.linears[0](dz, inner_grad)
-            self.linears[1].accumulate(inner_grad, du)
-        else:
-            self.linears[0].accumulate(dz, du)
+            return self.linears[1].accumulate(self.linears[0](dz, inner_grad), du)
+        return self.linears[0].accumulate(dz, du)
 
     def weight_grads(
         self, dz: Tensor, u: Tensor, inner: Tensor | None, inner_grad: Tensor | None
     ) -> list[Tensor]:
         """Gradients of (factors..., bias) from all R rows at once: dz (R, out), u (R, in)."""
         if self.low_rank:
-            return [dz.t() @ inner, inner_grad.t() @ u * self.scale, dz.sum(0)]
-        return [dz.t() @ u * self.scale, dz.sum(0)]
+            return [_rows_product(dz, inner), _rows_product(inner_grad, u, self.scale), dz.sum(0)]
+        return [_rows_product(dz, u, self.scale), dz.sum(0)]
 
 
 class _Weights:
@@ -232,188 +249,227 @@ class _Weights:
         ]
 
 
-def _homes(structure: _Structure, blocks: list[Tensor], xh: Tensor) -> dict[int, Tensor]:
-    """Where each state u_s (s = -1..r) lives over time: the left half of the glu block of round
-    s+2 if that round exists, else its part of the concatenated [x, h] gate input. ``blocks[j-1]``
-    is round j's block."""
-    big_i, r = structure.input_size, structure.rounds
-    homes = {}
-    for s in range(-1, r + 1):
-        if s + 2 <= r:
-            homes[s] = blocks[s + 1][..., : structure.size(s)]
-        else:
-            homes[s] = xh[..., :big_i] if s % 2 else xh[..., big_i:]
-    return homes
-
-
-@dataclass
-class _Saved:
-    """What the forward keeps for the backward, over time (T+1 steps where a state is also the
-    next step's input). blocks[j-1]: round j's [u_{j-2}, z_j] (T+1, B, 2·size); inners[j-1]:
-    low-rank round j's u_{j-1} (c·B)^T (T, B, k), else None; xh: gate input [x, h] (T+1, B, I+H);
-    activations: [σ(i), σ(f), σ(2g), σ(o)] (T, B, 4H); tanh_g, tanh_c: (T, B, H); cells:
-    c_0..c_T (T+1, B, H)."""
-
-    blocks: list[Tensor]
-    inners: list[Tensor | None]
-    xh: Tensor
-    activations: Tensor
-    tanh_g: Tensor
-    cells: Tensor
-    tanh_c: Tensor
-
-    @classmethod
-    def allocate(
-        cls, structure: _Structure, like: Tensor, steps: int, rows: int, ranks: list[int | None]
-    ) -> _Saved:
-        s, big_h, new = structure, structure.hidden_size, like.new_empty
-        return cls(
-            blocks=[new(steps + 1, rows, 2 * s.size(j)) for j in range(1, s.rounds + 1)],
-            inners=[None if k is None else new(steps, rows, k) for k in ranks],
-            xh=new(steps + 1, rows, s.input_size + big_h),
-            activations=new(steps, rows, 4 * big_h),
-            tanh_g=new(steps, rows, big_h),
-            cells=new(steps + 1, rows, big_h),
-            tanh_c=new(steps, rows, big_h),
-        )
-
-    def tensors(self) -> list[Tensor]:
-        inners = [t for t in self.inners if t is not None]
-        return [
-            *self.blocks,
-            *inners,
-            self.xh,
-            self.activations,
-            self.tanh_g,
-            self.cells,
-            self.tanh_c,
-        ]
-
-    @classmethod
-    def from_tensors(
-        cls, structure: _Structure, ranks: list[int | None], tensors: tuple[Tensor, ...]
-    ) -> _Saved:
-        r = structure.rounds
-        found = iter(tensors[r : r + sum(k is not None for k in ranks)])
-        inners = [None if k is None else next(found) for k in ranks]
-        return cls(list(tensors[:r]), inners, *tensors[len(tensors) - 5 :])
-
-
-def _chunks(t: Tensor, count: int) -> list[tuple[Tensor, ...]]:
-    """Split the last dim of t (..., count·n) into count parts, each unbound over time."""
-    width = t.shape[-1] // count
-    return [t[..., k * width : (k + 1) * width].unbind(0) for k in range(count)]
-
-
 def _ranks(structure: _Structure, flat: tuple) -> list[int | None]:
+    """Rank k of each round's map (None when dense)."""
     _, maps = _unflatten(structure, flat)
     return [
         maps[m][0][0].shape[1] if structure.low_rank[m] else None for m in structure.map_of_round
     ]
 
 
-def _forward(structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, flat: tuple) -> _Saved:
-    """Run the whole sequence. x: (T, B, I), h0, c0: (B, H)."""
-    s, steps, rows = structure, x.shape[0], x.shape[1]
+@dataclass
+class _Saved:
+    """What the forward keeps for the backward.
+
+    Over time as (T, B, ·) buffers, for the weight-gradient products: states[s], the states
+    u_s, s in 1..r-2, that are not gate inputs; inners[j-1], a low-rank round's u_{j-1} (c·B)^T
+    (else None); xh, the gate input [x, h]. Per step, as lists of T tensors (B, ·): sig[j-1],
+    σ(z_j); activations [σ(i), σ(f), σ(2g), σ(o)]; tanh_g2 = 2 tanh(g); tanh_c; and cells2,
+    2·c_0 .. 2·c_T (T+1 tensors): the cell is carried doubled, so tanh(c) = 2σ(2c) − 1 costs
+    one sigmoid, much cheaper than tanh on CPU."""
+
+    states: dict[int, Tensor]
+    inners: list[Tensor | None]
+    xh: Tensor
+    sig: list[list[Tensor]]
+    activations: list[Tensor]
+    tanh_g2: list[Tensor]
+    tanh_c: list[Tensor]
+    cells2: list[Tensor]
+
+    def tensors(self) -> list[Tensor]:
+        inners = [t for t in self.inners if t is not None]
+        per_step = (
+            [t for sig in self.sig for t in sig] + self.activations + self.tanh_g2 + self.tanh_c
+        )
+        return [*self.states.values(), *inners, self.xh, *per_step, *self.cells2]
+
+    @classmethod
+    def from_tensors(
+        cls, s: _Structure, ranks: list[int | None], steps: int, tensors: tuple[Tensor, ...]
+    ) -> _Saved:
+        found = iter(tensors)
+
+        def take(count: int) -> list[Tensor]:
+            return [next(found) for _ in range(count)]
+
+        states = {k: next(found) for k in range(1, s.rounds - 1)}
+        inners = [None if k is None else next(found) for k in ranks]
+        xh = next(found)
+        sig = [take(steps) for _ in range(s.rounds)]
+        return cls(states, inners, xh, sig, take(steps), take(steps), take(steps), take(steps + 1))
+
+    def state_over_time(
+        self, s: _Structure, state: int, x: Tensor, h_prev: Tensor | None
+    ) -> Tensor:
+        """u_s for all steps, (T, B, size): x, h_{t-1}, a state buffer, or a gate-input half."""
+        if state == -1 and state + 2 <= s.rounds:
+            return x
+        if state == 0 and state + 2 <= s.rounds:
+            return h_prev
+        if state in self.states:
+            return self.states[state]
+        return self.xh[..., : s.input_size] if state % 2 else self.xh[..., s.input_size :]
+
+
+def _forward(
+    structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, flat: tuple
+) -> tuple[Tensor, Tensor, _Saved]:
+    """Run the whole sequence. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), c_T, saved."""
+    s, steps, rows, r = structure, x.shape[0], x.shape[1], structure.rounds
     weights = _Weights(s, flat, rows)
-    saved = _Saved.allocate(s, x, steps, rows, _ranks(s, flat))
-    homes = _homes(s, saved.blocks, saved.xh)
-    homes[-1][:-1].copy_(x)
-    homes[0][0].copy_(h0)
-    saved.cells[0].copy_(c0)
-    home = {k: v.unbind(0) for k, v in homes.items()}
-    blocks = [b.unbind(0) for b in saved.blocks]
-    z = [_chunks(b, 2)[1] for b in saved.blocks]
+    new = x.new_empty
+    ranks = _ranks(s, flat)
+    saved = _Saved(
+        states={k: new(steps, rows, s.size(k)) for k in range(1, r - 1)},
+        inners=[None if k is None else new(steps, rows, k) for k in ranks],
+        xh=new(steps, rows, s.input_size + s.hidden_size),
+        sig=[[] for _ in range(r)],
+        activations=[],
+        tanh_g2=[],
+        tanh_c=[],
+        cells2=[c0 * 2],
+    )
+    output = new(steps, rows, s.hidden_size)
+    out = output.unbind(0)
+    x_final, h_final = s.final_states()
+    if x_final == -1:
+        saved.xh[..., : s.input_size].copy_(x)
+    h_half = saved.xh[..., s.input_size :].unbind(0)
+    if h_final == 0:
+        h_half[0].copy_(h0)
+    state = {k: saved.state_over_time(s, k, x, None).unbind(0) for k in range(-1, r + 1) if k != 0}
+    state[0] = [h0, *out[:-1]]
     inners = [None if t is None else t.unbind(0) for t in saved.inners]
-    xh, act = saved.xh.unbind(0), saved.activations.unbind(0)
-    gate_i, gate_f, gate_g, gate_o = _chunks(saved.activations, 4)
-    tanh_g, cells, tanh_c = saved.tanh_g.unbind(0), saved.cells.unbind(0), saved.tanh_c.unbind(0)
-    h_next = home[0][1:]
-    minus_one, two = x.new_tensor(-1.0), x.new_tensor(2.0)
-    mul, addcmul, tanh, gates = torch.mul, torch.addcmul, torch.tanh, weights.gates
-    rounds = [
-        (j, weights.rounds[j - 1], blocks[j - 1], z[j - 1], inners[j - 1])
-        for j in range(1, s.rounds + 1)
-    ]
+    xh = saved.xh.unbind(0)
+    minus_one, minus_two, two, four = (x.new_tensor(v) for v in (-1.0, -2.0, 2.0, 4.0))
+    mul, addcmul, sigmoid, gates = torch.mul, torch.addcmul, torch.sigmoid, weights.gates
+    rounds = [(j, weights.rounds[j - 1], saved.sig[j - 1], inners[j - 1]) for j in range(1, r + 1)]
+    activations, tanh_g2, tanh_c, cells2 = (
+        saved.activations,
+        saved.tanh_g2,
+        saved.tanh_c,
+        saved.cells2,
+    )
     for t in range(steps):
-        for j, round_, block, z_j, inner in rounds:
-            round_.forward(home[j - 1][t], z_j[t], None if inner is None else inner[t])
-            _glu(block[t], -1, out=home[j][t])
-        gates(xh[t], act[t], sigmoid=True)
-        addcmul(minus_one, gate_g[t], two, out=tanh_g[t])
-        mul(gate_f[t], cells[t], out=cells[t + 1])
-        cells[t + 1].addcmul_(gate_i[t], tanh_g[t])
-        tanh(cells[t + 1], out=tanh_c[t])
-        mul(gate_o[t], tanh_c[t], out=h_next[t])
-    return saved
-
-
-def _outputs(structure: _Structure, saved: _Saved) -> tuple[Tensor, Tensor, Tensor]:
-    h = _homes(structure, saved.blocks, saved.xh)[0]
-    return h[1:].contiguous(), h[-1].clone(), saved.cells[-1].clone()
+        for j, round_, sig_j, inner in rounds:
+            sig = round_.forward(state[j - 1][t], None if inner is None else inner[t])
+            mul(sig, state[j - 2][t], out=state[j][t])
+            sig_j.append(sig)
+        act = gates(xh[t], sigmoid=True)
+        gate_i, gate_f, gate_g, gate_o = act.chunk(4, 1)
+        g2 = addcmul(minus_two, gate_g, four)  # 2 tanh(g)
+        c2 = mul(gate_f, cells2[t]).addcmul_(gate_i, g2)  # 2 c'
+        tc = addcmul(minus_one, sigmoid(c2), two)  # tanh(c') = 2σ(2c') − 1
+        mul(gate_o, tc, out=out[t])
+        if h_final == 0 and t + 1 < steps:
+            h_half[t + 1].copy_(out[t])
+        activations.append(act)
+        tanh_g2.append(g2)
+        cells2.append(c2)
+        tanh_c.append(tc)
+    return output, cells2[-1] / 2, saved
 
 
 def _backward(
     structure: _Structure,
     flat: tuple,
+    x: Tensor,
+    h0: Tensor,
+    output: Tensor,
     saved: _Saved,
     grad_output: Tensor,
     grad_h: Tensor,
     grad_c: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
     """Gradients of x, h0, c0 and of the flat weights, from those of output, h_T and c_T."""
-    s, steps, rows = structure, grad_output.shape[0], grad_output.shape[1]
+    s, steps, rows, r = structure, grad_output.shape[0], grad_output.shape[1], structure.rounds
+    big_i, big_h = s.input_size, s.hidden_size
     weights = _Weights(s, flat, rows, backward=True)
-    new = grad_output.new_empty
-    grad_blocks = [new(steps, rows, 2 * s.size(j)) for j in range(1, s.rounds + 1)]
+    grad_x = torch.empty_like(x)
+    grad_z = [x.new_empty(steps, rows, s.size(j)) for j in range(1, r + 1)]
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
-    grad_xh = new(steps, rows, s.input_size + s.hidden_size)
-    grad_act = new(steps, rows, 4 * s.hidden_size)
-    grad_homes = _homes(s, grad_blocks, grad_xh)
+    grad_act = x.new_empty(steps, rows, 4, big_h)  # gradient of the gates' pre-activations
+    x_final, h_final = s.final_states()
+    h_prev = torch.cat([h0[None], output[:-1]]) if r >= 2 else None
 
-    dhome = {k: v.unbind(0) for k, v in grad_homes.items()}
-    blocks = [b.unbind(0) for b in saved.blocks]
-    dblocks = [b.unbind(0) for b in grad_blocks]
-    dz = [_chunks(b, 2)[1] for b in grad_blocks]
+    # What the chain needs that depends only on the forward is computed for a chunk of steps at
+    # once (small enough to stay in cache and out of fresh pages), so each step runs few, small
+    # operations:
+    #   d(2c) += dh · through_tanh,                 through_tanh = σ(o)(1 − tanh²c)/2
+    #   d_pre[i, f, g] = d(2c) · gate_factors,      d_pre[o] = dh · o_factor
+    #   dz_j = du_j · round_factors_j,  du_{j-2} = du_j · σ(z_j)
+    gated_states = [saved.state_over_time(s, j - 2, x, h_prev) for j in range(1, r + 1)]
+    d_ifg, d_o = grad_act[:, :, :3].unbind(0), grad_act[:, :, 3].unbind(0)
+    d_pre = grad_act.view(steps, rows, -1).unbind(0)
+    dz = [t.unbind(0) for t in grad_z]
     dinners = [None if t is None else t.unbind(0) for t in grad_inners]
-    act, dact, dxh = saved.activations.unbind(0), grad_act.unbind(0), grad_xh.unbind(0)
-    gate_i, gate_f, _, gate_o = _chunks(saved.activations, 4)
-    d_i, d_f, d_g, d_o = _chunks(grad_act, 4)
-    tanh_g, cells, tanh_c = saved.tanh_g.unbind(0), saved.cells.unbind(0), saved.tanh_c.unbind(0)
-    one, zero = grad_output.new_tensor(1.0), grad_output.new_tensor(0.0)
-    mul, addcmul, gates = torch.mul, torch.addcmul, weights.gates
-    rounds = [
-        (j, weights.rounds[j - 1], blocks[j - 1], dblocks[j - 1], dz[j - 1], dinners[j - 1])
-        for j in range(s.rounds, 0, -1)
-    ]
+    grad_x_steps = grad_x.unbind(0)
+    mul, gates = torch.mul, weights.gates
+    chunk = max(1, CHUNK_BYTES // (rows * 4 * big_h * x.element_size()))
     dh = grad_output[-1] + grad_h
-    dc = grad_c.clone()
-    through_tanh = torch.empty_like(dc)
-    for t in range(steps - 1, -1, -1):
-        # dc += dh σ(o) (1 − tanh² c)
-        addcmul(one, tanh_c[t], tanh_c[t], value=-1, out=through_tanh)
-        through_tanh.mul_(gate_o[t])
-        dc.addcmul_(dh, through_tanh)
-        # Gradients of the four activations, then of the pre-activations, in place.
-        mul(dc, tanh_g[t], out=d_i[t])
-        mul(dc, cells[t], out=d_f[t])
-        addcmul(zero, dc, gate_i[t], value=2, out=d_g[t])
-        mul(dh, tanh_c[t], out=d_o[t])
-        _sigmoid_backward(dact[t], act[t], grad_input=dact[t])
-        dc.mul_(gate_f[t])
-        gates(dact[t], dxh[t])
-        for j, round_, block, dblock, dz_j, dinner in rounds:
-            _glu_backward(dhome[j][t], block[t], -1, grad_input=dblock[t])
-            round_.backward(dz_j[t], dhome[j - 1][t], None if dinner is None else dinner[t])
-        if t > 0:
-            torch.add(grad_output[t - 1], dhome[0][t], out=dh)
-    grad_x, grad_h0 = grad_homes[-1].contiguous(), dhome[0][0].clone()
+    dc2 = grad_c / 2  # the gradient of the doubled cell
+    for end in range(steps, 0, -chunk):
+        begin = max(0, end - chunk)
+        span = slice(begin, end)
+        act = torch.stack(saved.activations[span]).view(-1, rows, 4, big_h)
+        slope = torch.addcmul(act, act, act, value=-1)  # σ'(pre-activation) = σ(1 − σ)
+        tanh_c = torch.stack(saved.tanh_c[span])
+        through = torch.addcmul(act.new_tensor(0.5), tanh_c, tanh_c, value=-0.5).mul_(act[:, :, 3])
+        gate_terms = [
+            torch.stack(saved.tanh_g2[span]),
+            torch.stack(saved.cells2[span]),
+            act[:, :, 0] * 4,
+            tanh_c,
+        ]
+        factors = torch.stack(gate_terms, dim=2).mul_(slope)
+        through, gate_factors, o_factor = (
+            through.unbind(0),
+            factors[:, :, :3].unbind(0),
+            factors[:, :, 3].unbind(0),
+        )
+        forget = act[:, :, 1].unbind(0)
+        rounds = []
+        for j in range(r, 0, -1):
+            sig = torch.stack(saved.sig[j - 1][span])
+            factor = torch.addcmul(sig, sig, sig, value=-1).mul_(gated_states[j - 1][span])
+            rounds.append(
+                (
+                    j,
+                    weights.rounds[j - 1],
+                    sig.unbind(0),
+                    factor.unbind(0),
+                    dz[j - 1],
+                    dinners[j - 1],
+                )
+            )
+        for t in range(end - 1, begin - 1, -1):
+            k = t - begin
+            dc2.addcmul_(dh, through[k])
+            mul(dc2.unsqueeze(1), gate_factors[k], out=d_ifg[t])
+            mul(dh, o_factor[k], out=d_o[t])
+            dc2.mul_(forget[k])
+            grad_xh = gates(d_pre[t])
+            grad_state = {x_final: grad_xh[:, :big_i], h_final: grad_xh[:, big_i:]}
+            for j, round_, sig_j, factor_j, dz_j, dinner in rounds:
+                du = grad_state.pop(j)
+                mul(du, factor_j[k], out=dz_j[t])
+                if j == 1:
+                    mul(du, sig_j[k], out=grad_x_steps[t])
+                else:
+                    grad_state[j - 2] = mul(du, sig_j[k])
+                inner_grad = None if dinner is None else dinner[t]
+                grad_state[j - 1] = round_.backward(dz_j[t], grad_state[j - 1], inner_grad)
+            if x_final == -1:
+                grad_x_steps[t].copy_(grad_state[-1])
+            if t > 0:
+                torch.add(grad_output[t - 1], grad_state[0], out=dh)
+    grad_h0 = grad_state[0].clone()
 
     # Weight gradients: one product each over all T·B rows.
-    big_i, total = s.input_size, steps * rows
-    homes = _homes(s, saved.blocks, saved.xh)
+    total = steps * rows
     dp = grad_act.view(total, -1)
-    d_gate_weight = dp.t() @ saved.xh[:-1].view(total, -1)
+    d_gate_weight = _rows_product(dp, saved.xh.view(total, -1))
     d_gate_weight[weights.g_rows] *= 2
     d_w_ih = d_gate_weight[:, :big_i] * weights.column_scales[0]
     d_w_hh = d_gate_weight[:, big_i:] * weights.column_scales[1]
@@ -423,12 +479,13 @@ def _backward(
         d_bias[weights.g_rows] *= 2
     map_grads: list[list[Tensor] | None] = [None] * len(s.low_rank)
     for j, m in enumerate(s.map_of_round, start=1):
-        dz_all = grad_blocks[j - 1][..., s.size(j) :].reshape(total, -1)
-        u_all = homes[j - 1][:-1].reshape(total, -1)
+        u_all = saved.state_over_time(s, j - 1, x, h_prev).reshape(total, -1)
         inner, dinner = saved.inners[j - 1], grad_inners[j - 1]
         if inner is not None:
             inner, dinner = inner.view(total, -1), dinner.view(total, -1)
-        grads = weights.rounds[j - 1].weight_grads(dz_all, u_all, inner, dinner)
+        grads = weights.rounds[j - 1].weight_grads(
+            grad_z[j - 1].view(total, -1), u_all, inner, dinner
+        )
         previous = map_grads[m]
         map_grads[m] = (
             grads if previous is None else [a + b for a, b in zip(previous, grads, strict=True)]
@@ -440,8 +497,8 @@ def _backward(
         None if d_bias is None else d_bias.clone(),
     ]
     for grads, has_bias in zip(map_grads, s.map_bias, strict=True):
-        flat_grads.extend(grads if has_bias else grads[:-1] + [None])
-    return grad_x, grad_h0, dc, flat_grads
+        flat_grads.extend(grads if has_bias else [*grads[:-1], None])
+    return grad_x, grad_h0, dc2 * 2, flat_grads
 
 
 class _FusedSequence(torch.autograd.Function):
@@ -449,10 +506,11 @@ class _FusedSequence(torch.autograd.Function):
     def forward(
         ctx, structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, *flat: Tensor | None
     ):
-        saved = _forward(structure, x, h0, c0, flat)
+        output, c_last, saved = _forward(structure, x, h0, c0, flat)
         ctx.structure, ctx.weight_slots = structure, [t is not None for t in flat]
-        ctx.save_for_backward(*(t for t in flat if t is not None), *saved.tensors())
-        return _outputs(structure, saved)
+        weights = [t for t in flat if t is not None]
+        ctx.save_for_backward(x, h0, output, *weights, *saved.tensors())
+        return output, output[-1].clone(), c_last
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
@@ -461,12 +519,13 @@ class _FusedSequence(torch.autograd.Function):
                 "backend 'fused' does not support double backward (create_graph=True): its "
                 "backward is hand-written; use backend='reference' for higher-order gradients"
             )
-        structure, tensors = ctx.structure, ctx.saved_tensors
-        present = iter(tensors)
+        structure = ctx.structure
+        x, h0, output, *rest = ctx.saved_tensors
+        present = iter(rest)
         flat = tuple(next(present) if slot else None for slot in ctx.weight_slots)
-        saved = _Saved.from_tensors(structure, _ranks(structure, flat), tuple(present))
+        saved = _Saved.from_tensors(structure, _ranks(structure, flat), x.shape[0], tuple(present))
         grad_x, grad_h0, grad_c0, grads = _backward(
-            structure, flat, saved, grad_output.contiguous(), grad_h, grad_c
+            structure, flat, x, h0, output, saved, grad_output.contiguous(), grad_h, grad_c
         )
         return None, grad_x, grad_h0, grad_c0, *grads
 
@@ -481,7 +540,8 @@ def run_fused(
     ):
         return _FusedSequence.apply(structure, x, h0, c0, *flat)
     with torch.no_grad():
-        return _outputs(structure, _forward(structure, x, h0, c0, tuple(flat)))
+        output, c_last, _ = _forward(structure, x, h0, c0, tuple(flat))
+        return output, output[-1].clone(), c_last
 
 
 BACKEND = Backend(name="fused", run=run_fused)

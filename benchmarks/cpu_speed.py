@@ -1,0 +1,148 @@
+"""CPU speed of the Mogrifier backends against the usual user pattern, side by side in one process.
+
+The usual pattern is an ``nn.LSTMCell`` in a Python loop with one ``nn.Linear`` (with bias) per
+round. Every candidate runs the same configuration; repeats are interleaved (each repeat runs every
+candidate once, in turn) and the median is reported, with min and max. Peak memory of one
+forward+backward is measured apart, each candidate in a fresh subprocess (peak RSS growth).
+
+    python benchmarks/cpu_speed.py                 # S and M, train and inference
+    python benchmarks/cpu_speed.py --repeats 30 --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+import mogrifier_fast as mf
+from mogrifier_fast.bench import time_interleaved
+
+CONFIGS = {
+    "S": {"steps": 35, "batch": 16, "size": 64, "rounds": 5},
+    "M": {"steps": 35, "batch": 32, "size": 256, "rounds": 5},
+}
+
+
+class LSTMCellLoop(nn.Module):
+    """The common user pattern: nn.LSTMCell in a Python loop, one nn.Linear per round."""
+
+    def __init__(self, input_size: int, hidden_size: int, rounds: int) -> None:
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.maps = nn.ModuleList(
+            nn.Linear(hidden_size, input_size) if j % 2 else nn.Linear(input_size, hidden_size)
+            for j in range(1, rounds + 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[1], self.cell.hidden_size)
+        c = h
+        outputs = []
+        for x_t in x:
+            for j, linear in enumerate(self.maps, start=1):
+                if j % 2:
+                    x_t = 2 * torch.sigmoid(linear(h)) * x_t
+                else:
+                    h = 2 * torch.sigmoid(linear(x_t)) * h
+            h, c = self.cell(x_t, (h, c))
+            outputs.append(h)
+        return torch.stack(outputs)
+
+
+def candidates(size: int, rounds: int) -> dict[str, nn.Module]:
+    """Every model timed, by name: the user pattern, nn.LSTM, and each CPU backend."""
+    torch.manual_seed(0)
+    models: dict[str, nn.Module] = {
+        "LSTMCell loop": LSTMCellLoop(size, size, rounds),
+        "nn.LSTM": nn.LSTM(size, size),
+    }
+    for backend in mf.available_backends("cpu"):
+        models[backend] = mf.MogrifierLSTM(size, size, rounds=rounds, backend=backend)
+    return models
+
+
+def output_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    result = model(x)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def step(model: nn.Module, x: torch.Tensor, train: bool):
+    def train_step() -> None:
+        output_of(model, x).sum().backward()
+
+    def inference_step() -> None:
+        with torch.no_grad():
+            output_of(model, x)
+
+    return train_step if train else inference_step
+
+
+def peak_memory_mb(name: str, config: str) -> float:
+    """Peak RSS growth (MB) of one forward+backward of ``name``, measured in a fresh process."""
+    code = (
+        "import json, resource, sys, torch; sys.path.insert(0, 'benchmarks');"
+        "import cpu_speed as b; c = b.CONFIGS[sys.argv[2]];"
+        "m = b.candidates(c['size'], c['rounds'])[sys.argv[1]];"
+        "x = torch.randn(c['steps'], c['batch'], c['size']); f = b.step(m, x, True); f();"
+        "m.zero_grad(set_to_none=True); import gc; gc.collect();"
+        "base = b.current_rss_kb(); f();"
+        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, name, config], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def current_rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="S,M", help="comma-separated names from CONFIGS")
+    parser.add_argument("--repeats", type=int, default=21, help="interleaved timed repeats")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (train)")
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {args.repeats} interleaved repeats"
+    )
+    for config in args.configs.split(","):
+        c = CONFIGS[config]
+        x = torch.randn(c["steps"], c["batch"], c["size"])
+        models = candidates(c["size"], c["rounds"])
+        for train in (True, False):
+            times = time_interleaved(
+                {name: step(m, x, train) for name, m in models.items()}, args.repeats
+            )
+            baseline = statistics.median(times["LSTMCell loop"])
+            lstm = statistics.median(times["nn.LSTM"])
+            mode = "forward+backward" if train else "forward (no_grad)"
+            print(
+                f"\n{config}: T={c['steps']} N={c['batch']} I=H={c['size']} r={c['rounds']}, {mode}"
+            )
+            print(
+                f"  {'model':15s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'vs loop':>8s} {'vs nn.LSTM':>10s}"
+            )
+            for name, t in times.items():
+                median = statistics.median(t)
+                print(
+                    f"  {name:15s} {1e3 * median:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f}"
+                    f" {baseline / median:7.2f}x {median / lstm:9.2f}x"
+                )
+        if args.memory:
+            print(f"\n{config}: peak RSS growth of one forward+backward (fresh process each)")
+            for name in models:
+                print(f"  {name:15s} {peak_memory_mb(name, config):8.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
