@@ -418,5 +418,5 @@ class MogrifierLSTMCell(_MogrifierBase):
             hx = (zeros, zeros)
         else:
             hx = tuple(t if batched else t.unsqueeze(0) for t in self._check_state(hx, shape))
-        h1, c1 = mogrifier_lstm_step(x, hx[0], hx[1], self._direction_params(""))
+        h1, c1 = mogrifier_lstm_step(x, hx[0], hx[1], *self._direction_params("").step_args())
         return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))

@@ -12,19 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from mogrifier_fast.backends import Backend
-from mogrifier_fast.mogrify import LayerParams, mogrifier_lstm_step
+from mogrifier_fast.mogrify import LayerParams, mogrifier_lstm_sequence
 
 
 def run_reference(
     x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
-    h, c = h0, c0
-    outputs = []
-    for x_t in x.unbind(0):
-        h, c = mogrifier_lstm_step(x_t, h, c, params)
-        outputs.append(h)
-    return torch.stack(outputs), h, c
+    return mogrifier_lstm_sequence(x, h0, c0, *params.step_args())
 
 
 BACKEND = Backend(name="reference", run=run_reference)

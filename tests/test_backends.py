@@ -54,6 +54,20 @@ FEATURE_CASES = [
 ]
 CASES = FEATURE_CASES + random_cases(24, seed=1)
 
+# Backends that compile code per layer configuration (seconds each) run every feature case and
+# a few random mixtures, so the suite stays within a few minutes on a 2-core machine.
+COMPILING_BACKENDS = {"compile"}
+FEW_CASES = FEATURE_CASES + CASES[len(FEATURE_CASES) :: 8]
+
+
+def cases_for(dtype_stride: int = 1) -> list:
+    """(backend, case) pairs for every available backend; every ``dtype_stride``-th case."""
+    return [
+        pytest.param(backend, case, id=f"{backend}-{case.name}")
+        for backend in BACKENDS
+        for case in (FEW_CASES if backend in COMPILING_BACKENDS else CASES)[::dtype_stride]
+    ]
+
 
 def check_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
     layer, x, hx = case.build(dtype=dtype, backend=backend)
@@ -75,14 +89,12 @@ def check_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
         )
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "case"), cases_for())
 def test_matches_oracle_float64(backend: str, case: Case) -> None:
     check_against_oracle(backend, case, torch.float64)
 
 
-@pytest.mark.parametrize("case", CASES[::3], ids=lambda c: c.name)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "case"), cases_for(dtype_stride=3))
 def test_matches_oracle_float32(backend: str, case: Case) -> None:
     check_against_oracle(backend, case, torch.float32)
 

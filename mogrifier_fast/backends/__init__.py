@@ -12,8 +12,10 @@ Built-in backends are imported lazily by name; :func:`register` adds others.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -43,6 +45,17 @@ class Backend:
     unavailable_reason: Callable[[torch.device], str | None] = field(default=runs_everywhere)
 
 
+@contextlib.contextmanager
+def quiet_torchscript_deprecation() -> Iterator[None]:
+    """Silence TorchScript's deprecation warnings (torch >= 2.11) within a backend's own calls."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings(
+                "ignore", message=r".*(torch\.jit|TorchScript).*deprecated", category=category
+            )
+        yield
+
+
 class BackendUnavailableError(ValueError, RuntimeError):
     """A known backend cannot run here (on this device, or without an optional package)."""
 
@@ -52,8 +65,8 @@ class BackendUnavailableError(ValueError, RuntimeError):
 BUILTIN_MODULES: dict[str, str | None] = {
     "reference": "mogrifier_fast.reference",
     "fused": "mogrifier_fast.backends.fused",
-    "compile": None,
-    "script": None,
+    "compile": "mogrifier_fast.backends.compiled",
+    "script": "mogrifier_fast.backends.scripted",
     "triton": None,
     "cudnn": None,
     "persistent": None,

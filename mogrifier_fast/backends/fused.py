@@ -342,8 +342,7 @@ def _forward(
     state[0] = [h0, *out[:-1]]
     inners = [None if t is None else t.unbind(0) for t in saved.inners]
     xh = saved.xh.unbind(0)
-    minus_one, minus_two, two, four = (x.new_tensor(v) for v in (-1.0, -2.0, 2.0, 4.0))
-    mul, addcmul, sigmoid, gates = torch.mul, torch.addcmul, torch.sigmoid, weights.gates
+    mul, sigmoid, gates = torch.mul, torch.sigmoid, weights.gates
     rounds = [(j, weights.rounds[j - 1], saved.sig[j - 1], inners[j - 1]) for j in range(1, r + 1)]
     activations, tanh_g2, tanh_c, cells2 = (
         saved.activations,
@@ -358,9 +357,9 @@ def _forward(
             sig_j.append(sig)
         act = gates(xh[t], sigmoid=True)
         gate_i, gate_f, gate_g, gate_o = act.chunk(4, 1)
-        g2 = addcmul(minus_two, gate_g, four)  # 2 tanh(g)
+        g2 = mul(gate_g, 4).sub_(2)  # 2 tanh(g) = 4σ(2g) − 2
         c2 = mul(gate_f, cells2[t]).addcmul_(gate_i, g2)  # 2 c'
-        tc = addcmul(minus_one, sigmoid(c2), two)  # tanh(c') = 2σ(2c') − 1
+        tc = sigmoid(c2).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
         mul(gate_o, tc, out=out[t])
         if h_final == 0 and t + 1 < steps:
             h_half[t + 1].copy_(out[t])
