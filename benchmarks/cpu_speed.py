@@ -2,8 +2,8 @@
 
 The usual pattern is an ``nn.LSTMCell`` in a Python loop with one ``nn.Linear`` (with bias) per
 round. Every candidate runs the same configuration; repeats are interleaved (each repeat runs every
-candidate once, in turn) and the median is reported, with min and max. Peak memory of one
-forward+backward is measured apart, each candidate in a fresh subprocess (peak RSS growth).
+candidate once, in turn) and the median is reported, with min and max. Peak tensor memory of one
+forward+backward is measured apart, from torch.profiler's allocation records.
 
     python benchmarks/cpu_speed.py                 # S and M, train and inference
     python benchmarks/cpu_speed.py --repeats 30 --memory
@@ -12,13 +12,11 @@ forward+backward is measured apart, each candidate in a fresh subprocess (peak R
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import mogrifier_fast as mf
 from mogrifier_fast.bench import time_interleaved
@@ -83,26 +81,20 @@ def step(model: nn.Module, x: torch.Tensor, train: bool):
     return train_step if train else inference_step
 
 
-def peak_memory_mb(name: str, config: str) -> float:
-    """Peak RSS growth (MB) of one forward+backward of ``name``, measured in a fresh process."""
-    code = (
-        "import json, resource, sys, torch; sys.path.insert(0, 'benchmarks');"
-        "import cpu_speed as b; c = b.CONFIGS[sys.argv[2]];"
-        "m = b.candidates(c['size'], c['rounds'])[sys.argv[1]];"
-        "x = torch.randn(c['steps'], c['batch'], c['size']); f = b.step(m, x, True); f();"
-        "m.zero_grad(set_to_none=True); import gc; gc.collect();"
-        "base = b.current_rss_kb(); f();"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, name, config], capture_output=True, text=True, check=True
-    )
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def current_rss_kb() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float:
+    """Peak tensor memory (MB) of one forward+backward, from torch.profiler's allocation records:
+    the running sum of every op's own allocations and frees, in time order, from the state
+    after a warm-up step with gradients cleared (parameters and input not counted)."""
+    train_step = step(model, x, True)
+    train_step()
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def main() -> None:
@@ -138,9 +130,9 @@ def main() -> None:
                     f" {baseline / median:7.2f}x {median / lstm:9.2f}x"
                 )
         if args.memory:
-            print(f"\n{config}: peak RSS growth of one forward+backward (fresh process each)")
-            for name in models:
-                print(f"  {name:15s} {peak_memory_mb(name, config):8.1f} MB")
+            print(f"\n{config}: peak tensor memory of one forward+backward (torch.profiler)")
+            for name, model in models.items():
+                print(f"  {name:15s} {peak_memory_mb(model, x):8.1f} MB")
 
 
 if __name__ == "__main__":
