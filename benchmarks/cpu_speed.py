@@ -92,7 +92,9 @@ def peak_memory_mb(model: nn.Module, x: torch.Tensor) -> float:
         train_step()
     current = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        current += (
+            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        )
         peak = max(peak, current)
     return peak / 2**20
 
