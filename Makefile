@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench lint format clean
+.PHONY: test bench lint format clean notebook
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/mogrifier-bench
+	$(BIN)/mogrifier-bench --preset quick --out bench-results
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -29,3 +29,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# Re-run the analysis notebook in place, so its committed outputs match benchmarks/results.
+notebook: $(STAMP)
+	$(BIN)/python -c "import nbformat, nbclient; p = 'notebooks/analysis.ipynb'; nb = nbformat.read(p, 4); nbclient.NotebookClient(nb, timeout=600, resources={'metadata': {'path': 'notebooks'}}).execute(); nbformat.write(nb, p)"

@@ -154,3 +154,14 @@ def test_backend_is_deterministic(backend: str) -> None:
     second = run_and_grad(layer, x, hx)
     for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1]), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("backend", "case"), cases_for(dtype_stride=2))
+def test_inference_matches_oracle(backend: str, case: Case) -> None:
+    """Under no_grad a backend may take a path that keeps nothing for a backward."""
+    layer, x, hx = case.build(dtype=torch.float64, backend=backend)
+    with torch.no_grad():
+        output, (h_n, c_n) = layer(x, hx)
+    (want_output, want_h, want_c), _ = oracle_and_grad(layer, x, hx)
+    for got, want in ((output, want_output), (h_n, want_h), (c_n, want_c)):
+        assert rel_err(got, want) <= TOLERANCE[torch.float64]

@@ -313,61 +313,67 @@ class _Saved:
 
 
 def _forward(
-    structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, flat: tuple
+    structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, flat: tuple, keep: bool = True
 ) -> tuple[Tensor, Tensor, _Saved]:
-    """Run the whole sequence. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), c_T, saved."""
+    """Run the whole sequence. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), c_T, saved.
+
+    Without ``keep`` (inference) nothing is kept for a backward: each step reuses one set of
+    state buffers, so memory does not grow with T beyond the output."""
     s, steps, rows, r = structure, x.shape[0], x.shape[1], structure.rounds
     weights = _Weights(s, flat, rows)
     new = x.new_empty
-    ranks = _ranks(s, flat)
+    kept = steps if keep else 1
     saved = _Saved(
-        states={k: new(steps, rows, s.size(k)) for k in range(1, r - 1)},
-        inners=[None if k is None else new(steps, rows, k) for k in ranks],
-        xh=new(steps, rows, s.input_size + s.hidden_size),
+        states={k: new(kept, rows, s.size(k)) for k in range(1, r - 1)},
+        inners=[None if k is None else new(kept, rows, k) for k in _ranks(s, flat)],
+        xh=new(kept, rows, s.input_size + s.hidden_size),
         sig=[[] for _ in range(r)],
         activations=[],
         tanh_g2=[],
         tanh_c=[],
         cells2=[c0 * 2],
     )
+
+    def per_step(buffer: Tensor) -> list[Tensor]:
+        """A buffer's view for each step: its own row block, or the one shared block."""
+        return list(buffer.unbind(0)) if keep else [buffer[0]] * steps
+
     output = new(steps, rows, s.hidden_size)
     out = output.unbind(0)
     x_final, h_final = s.final_states()
-    if x_final == -1:
-        saved.xh[..., : s.input_size].copy_(x)
-    h_half = saved.xh[..., s.input_size :].unbind(0)
+    x_half, h_half = per_step(saved.xh[..., : s.input_size]), per_step(saved.xh[..., s.input_size :])
     if h_final == 0:
         h_half[0].copy_(h0)
-    state = {k: saved.state_over_time(s, k, x, None).unbind(0) for k in range(-1, r + 1) if k != 0}
+    state = {k: per_step(saved.state_over_time(s, k, x, None)) for k in range(1, r + 1)}
+    state[-1] = list(x.unbind(0))  # with no rounds, copied into the gate input each step
     state[0] = [h0, *out[:-1]]
-    inners = [None if t is None else t.unbind(0) for t in saved.inners]
-    xh = saved.xh.unbind(0)
+    inners = [None if t is None else per_step(t) for t in saved.inners]
+    xh = per_step(saved.xh)
     mul, sigmoid, gates = torch.mul, torch.sigmoid, weights.gates
     rounds = [(j, weights.rounds[j - 1], saved.sig[j - 1], inners[j - 1]) for j in range(1, r + 1)]
-    activations, tanh_g2, tanh_c, cells2 = (
-        saved.activations,
-        saved.tanh_g2,
-        saved.tanh_c,
-        saved.cells2,
-    )
+    cell2 = saved.cells2[0]
     for t in range(steps):
+        if x_final == -1:
+            x_half[t].copy_(state[-1][t])
         for j, round_, sig_j, inner in rounds:
             sig = round_.forward(state[j - 1][t], None if inner is None else inner[t])
             mul(sig, state[j - 2][t], out=state[j][t])
-            sig_j.append(sig)
+            if keep:
+                sig_j.append(sig)
         act = gates(xh[t], sigmoid=True)
         gate_i, gate_f, gate_g, gate_o = act.chunk(4, 1)
         g2 = mul(gate_g, 4).sub_(2)  # 2 tanh(g) = 4σ(2g) − 2
-        c2 = mul(gate_f, cells2[t]).addcmul_(gate_i, g2)  # 2 c'
-        tc = sigmoid(c2).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
+        cell2 = mul(gate_f, cell2).addcmul_(gate_i, g2)  # 2 c'
+        tc = sigmoid(cell2).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
         mul(gate_o, tc, out=out[t])
         if h_final == 0 and t + 1 < steps:
             h_half[t + 1].copy_(out[t])
-        activations.append(act)
-        tanh_g2.append(g2)
-        cells2.append(c2)
-        tanh_c.append(tc)
-    return output, cells2[-1] / 2, saved
+        if keep:
+            saved.activations.append(act)
+            saved.tanh_g2.append(g2)
+            saved.cells2.append(cell2)
+            saved.tanh_c.append(tc)
+    return output, cell2 / 2, saved
 
 
 def _backward(
@@ -539,7 +545,7 @@ def run_fused(
     ):
         return _FusedSequence.apply(structure, x, h0, c0, *flat)
     with torch.no_grad():
-        output, c_last, _ = _forward(structure, x, h0, c0, tuple(flat))
+        output, c_last, _ = _forward(structure, x, h0, c0, tuple(flat), keep=False)
         return output, output[-1].clone(), c_last
 
 
