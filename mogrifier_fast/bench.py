@@ -73,7 +73,9 @@ def expand(grid: dict) -> list[Config]:
     """All configurations of a grid: each key maps to a value or a list of values."""
     unknown = set(grid) - GRID_KEYS
     if unknown:
-        raise ValueError(f"grid: unknown column(s) {sorted(unknown)}; expected some of {sorted(GRID_KEYS)}")
+        raise ValueError(
+            f"grid: unknown column(s) {sorted(unknown)}; expected some of {sorted(GRID_KEYS)}"
+        )
     keys = list(grid)
     values = [v if isinstance(v, list) else [v] for v in grid.values()]
     configs = []
@@ -105,10 +107,27 @@ PRESETS: dict[str, list[dict]] = {
     ),
     # The original notebook's character model: embedding 50, hidden 125, r=5 shared maps.
     "seed": [
-        {"steps": 500, "batch": 32, "input_size": 50, "hidden_size": 125, "rounds": 5, "share_rounds": True, "mode": list(MODES)}
+        {
+            "steps": 500,
+            "batch": 32,
+            "input_size": 50,
+            "hidden_size": 125,
+            "rounds": 5,
+            "share_rounds": True,
+            "mode": list(MODES),
+        }
     ],
     # The paper's PTB setting: hidden ~1000 (input 1000), r=5, rank 84, batch 64, bptt 70.
-    "paper": [{"steps": 70, "batch": 64, "hidden_size": 1000, "rounds": 5, "rank": 84, "mode": list(MODES)}],
+    "paper": [
+        {
+            "steps": 70,
+            "batch": 64,
+            "hidden_size": 1000,
+            "rounds": 5,
+            "rank": 84,
+            "mode": list(MODES),
+        }
+    ],
 }
 
 
@@ -127,11 +146,18 @@ class LSTMCellLoop(nn.Module):
             stored = min(config.rounds, 2) if config.share_rounds else config.rounds
             maps = []
             for j in range(1, stored + 1):
-                out_size, in_size = (x_size, config.hidden_size) if j % 2 else (config.hidden_size, x_size)
+                out_size, in_size = (
+                    (x_size, config.hidden_size) if j % 2 else (config.hidden_size, x_size)
+                )
                 if config.rank is None:
                     maps.append(nn.Linear(in_size, out_size))
                 else:
-                    maps.append(nn.Sequential(nn.Linear(in_size, config.rank, bias=False), nn.Linear(config.rank, out_size)))
+                    maps.append(
+                        nn.Sequential(
+                            nn.Linear(in_size, config.rank, bias=False),
+                            nn.Linear(config.rank, out_size),
+                        )
+                    )
             self.maps.append(nn.ModuleList(maps))
         self.rounds = config.rounds
 
@@ -211,7 +237,10 @@ class Timer:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, timer: Callable | None = None
+    candidates: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    timer: Callable | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate, the candidates run in turn within each repeat."""
     timer = timer or Timer(torch.device("cpu"))
@@ -237,13 +266,18 @@ def peak_memory_mb(function: Callable[[], None], device: torch.device) -> float:
         function()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415  (only when measuring)
+    from torch.profiler import ProfilerActivity, profile
 
-    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         function()
     current = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        current += (
+            event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        )
         peak = max(peak, current)
     return peak / 2**20
 
@@ -288,10 +322,7 @@ def available_memory(device: torch.device) -> int:
 
 def machine_columns(device: torch.device) -> dict[str, str]:
     """The columns that say where a row was measured."""
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = _cpu_model()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     return {
         "device": device.type,
         "device_name": device_name,
@@ -328,7 +359,9 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def measure(config: Config, candidates: list[str], device: torch.device, repeats: int, memory: bool) -> list[dict]:
+def measure(
+    config: Config, candidates: list[str], device: torch.device, repeats: int, memory: bool
+) -> list[dict]:
     """Time every candidate at one configuration; one result row per candidate."""
     dtype = DTYPES[config.dtype]
     torch.manual_seed(1)
@@ -356,7 +389,9 @@ def measure(config: Config, candidates: list[str], device: torch.device, repeats
                 "max_ms": 1e3 * max(t),
                 "ms_per_step": 1e3 * median / config.steps,
                 "tokens_per_s": tokens / median,
-                "speedup_vs_reference": medians[REFERENCE] / median if REFERENCE in medians else math.nan,
+                "speedup_vs_reference": medians[REFERENCE] / median
+                if REFERENCE in medians
+                else math.nan,
                 "speedup_vs_loop": medians[LOOP] / median if LOOP in medians else math.nan,
                 "time_vs_lstm": median / medians[LSTM] if LSTM in medians else math.nan,
                 "warmup_s": warmup_s[name],
@@ -382,13 +417,15 @@ COLUMNS_DOC = {
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append rows to a CSV as complete lines, flushed to disk: an interrupted run leaves a valid
     file holding every row written before it. A file with other columns is refused."""
-    import pandas as pd  # noqa: PLC0415  (import cost only for runs that write)
+    import pandas as pd
 
     frame = pd.DataFrame(rows)
     if path.exists() and path.stat().st_size > 0:
         existing = list(pd.read_csv(path, nrows=0).columns)
         if existing != list(frame.columns):
-            raise ValueError(f"{path}: existing columns {existing} differ from this harness's; write to another --out")
+            raise ValueError(
+                f"{path}: existing columns {existing} differ from this harness's; write to another --out"
+            )
         text = frame.to_csv(index=False, header=False)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -402,7 +439,17 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 def markdown_table(rows: list[dict]) -> str:
     """A summary: one line per configuration and candidate: median time, ratios, the first call
     (timed apart: it includes compilation for "compile") and peak memory."""
-    header = ["configuration", "candidate", "median ms", "vs reference", "vs loop", "time vs nn.LSTM", "tokens/s", "first call s", "peak MB"]
+    header = [
+        "configuration",
+        "candidate",
+        "median ms",
+        "vs reference",
+        "vs loop",
+        "time vs nn.LSTM",
+        "tokens/s",
+        "first call s",
+        "peak MB",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         config = Config(**{k: row[k] for k in GRID_KEYS if k != "rank"}, rank=row["rank"] or None)
@@ -461,16 +508,36 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         prog="mogrifier-bench",
         description="Time every MogrifierLSTM backend against nn.LSTM and the LSTMCell-loop pattern; write CSV tables.",
     )
-    parser.add_argument("--preset", default=None, help=f"a named grid: {', '.join(PRESETS)} (default quick)")
-    parser.add_argument("--grid", type=Path, help="a TOML file whose keys are grid columns, each a value or a list")
+    parser.add_argument(
+        "--preset", default=None, help=f"a named grid: {', '.join(PRESETS)} (default quick)"
+    )
+    parser.add_argument(
+        "--grid", type=Path, help="a TOML file whose keys are grid columns, each a value or a list"
+    )
     for axis, kind in FLAG_AXES.items():
         flag = "--" + axis.replace("_", "-")
-        parser.add_argument(flag, type=_csv_list(kind), help=f"comma-separated {axis} values (a grid of its own)")
-    parser.add_argument("--candidates", type=_csv_list(str), help=f"what to time (default: all available backends, {LSTM!r}, {LOOP!r})")
+        parser.add_argument(
+            flag, type=_csv_list(kind), help=f"comma-separated {axis} values (a grid of its own)"
+        )
+    parser.add_argument(
+        "--candidates",
+        type=_csv_list(str),
+        help=f"what to time (default: all available backends, {LSTM!r}, {LOOP!r})",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats per configuration (default 7)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="interleaved timed repeats per configuration (default 7)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory of the CSV and markdown files (default bench-results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="directory of the CSV and markdown files (default bench-results)",
+    )
     parser.add_argument("--name", help="CSV file stem (default: the device type and model)")
     return parser.parse_args(argv)
 
@@ -484,10 +551,14 @@ def grid_from_args(args: argparse.Namespace) -> list[Config]:
     if args.preset is not None or (not grids and not flag_grid):
         preset = args.preset or "quick"
         if preset not in PRESETS:
-            raise ValueError(f"--preset: unknown preset {preset!r}; expected one of {list(PRESETS)}")
+            raise ValueError(
+                f"--preset: unknown preset {preset!r}; expected one of {list(PRESETS)}"
+            )
         grids.extend(PRESETS[preset])
     if flag_grid:
-        grids = [{**g, **flag_grid} for g in grids] if grids else [{"mode": list(MODES), **flag_grid}]
+        grids = (
+            [{**g, **flag_grid} for g in grids] if grids else [{"mode": list(MODES), **flag_grid}]
+        )
     configs = [config for grid in grids for config in expand(grid)]
     for config in configs:
         _check_config(config)
@@ -496,7 +567,7 @@ def grid_from_args(args: argparse.Namespace) -> list[Config]:
 
 def _load_toml(path: Path) -> dict:
     try:
-        import tomllib  # noqa: PLC0415  (Python 3.11+)
+        import tomllib
     except ImportError as error:  # pragma: no cover - Python 3.10
         raise ValueError("--grid: reading TOML needs Python 3.11 or later") from error
     try:
@@ -515,7 +586,9 @@ def _check_config(config: Config) -> None:
         raise ValueError(f"mode: unknown mode {config.mode!r}; expected one of {list(MODES)}")
     for name in ("steps", "batch", "input_size", "hidden_size", "layers"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name}: expected >= 1, got {getattr(config, name)} in {config.describe()}")
+            raise ValueError(
+                f"{name}: expected >= 1, got {getattr(config, name)} in {config.describe()}"
+            )
     if config.rounds < 0:
         raise ValueError(f"rounds: expected >= 0, got {config.rounds}")
 
@@ -527,7 +600,9 @@ def resolve_candidates(requested: list[str] | None, device: torch.device) -> lis
         return [LOOP, LSTM, *available]
     for name in requested:
         if name not in known:
-            raise ValueError(f"--candidates: unknown or unavailable candidate {name!r} on {device}; expected some of {known}")
+            raise ValueError(
+                f"--candidates: unknown or unavailable candidate {name!r} on {device}; expected some of {known}"
+            )
     return requested
 
 
@@ -537,7 +612,9 @@ def resolve_device(text: str) -> torch.device:
     except RuntimeError as error:
         raise ValueError(f"--device: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: CUDA was asked for, but torch.cuda.is_available() is False on this machine")
+        raise ValueError(
+            "--device: CUDA was asked for, but torch.cuda.is_available() is False on this machine"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: expected cpu or cuda, got {text!r}")
     return device
@@ -565,19 +642,28 @@ def run(args: argparse.Namespace) -> Path:
             )
     columns = machine_columns(device)
     stem = args.name or f"{device.type}-{_slug(columns['device_name'])}"
-    label = args.preset or ("grid" if args.grid or any(getattr(args, a) is not None for a in FLAG_AXES) else "quick")
+    label = args.preset or (
+        "grid" if args.grid or any(getattr(args, a) is not None for a in FLAG_AXES) else "quick"
+    )
     csv_path, md_path = args.out / f"{stem}.csv", args.out / f"{stem}-{label}.md"
-    print(f"mogrifier-bench: {len(configs)} configurations x {len(candidates)} candidates on {device} ({columns['device_name']}), {args.repeats} interleaved repeats")
+    print(
+        f"mogrifier-bench: {len(configs)} configurations x {len(candidates)} candidates on {device} ({columns['device_name']}), {args.repeats} interleaved repeats"
+    )
     all_rows = []
     progress = _progress(configs)
     for config in progress:
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(config.describe())
-        rows = [{**columns, **row} for row in measure(config, candidates, device, args.repeats, not args.no_memory)]
+        rows = [
+            {**columns, **row}
+            for row in measure(config, candidates, device, args.repeats, not args.no_memory)
+        ]
         append_rows(csv_path, rows)
         all_rows.extend(rows)
     table = markdown_table(all_rows)
-    md_path.write_text(f"# mogrifier-bench on {columns['device_name']}\n\n`{args.command}`, commit {columns['git_commit']}, torch {columns['torch_version']}, {columns['threads']} threads\n\n{table}\n")
+    md_path.write_text(
+        f"# mogrifier-bench on {columns['device_name']}\n\n`{args.command}`, commit {columns['git_commit']}, torch {columns['torch_version']}, {columns['threads']} threads\n\n{table}\n"
+    )
     print(table)
     print(f"\nrows appended to {csv_path}; summary written to {md_path}")
     return csv_path
@@ -585,7 +671,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def _progress(configs: list[Config]) -> Iterable[Config]:
     try:
-        from tqdm import tqdm  # noqa: PLC0415  (optional)
+        from tqdm import tqdm
     except ImportError:
         return configs
     return tqdm(configs, desc="configurations", unit="config", file=sys.stderr)
@@ -601,7 +687,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mogrifier-bench: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("\nmogrifier-bench: interrupted; every finished configuration is in the CSV", file=sys.stderr)
+        print(
+            "\nmogrifier-bench: interrupted; every finished configuration is in the CSV",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
 
 

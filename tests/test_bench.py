@@ -29,13 +29,21 @@ def test_tiny_grid_writes_a_tidy_csv(tmp_path, capsys) -> None:
         assert column in frame.columns, column
     assert (frame["median_ms"] > 0).all() and (frame["min_ms"] <= frame["median_ms"]).all()
     assert (frame["median_ms"] <= frame["max_ms"]).all() and (frame["peak_memory_mb"] >= 0).all()
-    assert frame["tokens_per_s"].tolist() == pytest.approx((frame["steps"] * frame["batch"] / frame["median_ms"] * 1e3).tolist())
+    assert frame["tokens_per_s"].tolist() == pytest.approx(
+        (frame["steps"] * frame["batch"] / frame["median_ms"] * 1e3).tolist()
+    )
     for _, group in frame.groupby(["rounds", "mode"]):
         reference = group.set_index("candidate")["median_ms"]
         for _, row in group.iterrows():
-            assert math.isclose(row["speedup_vs_reference"], reference["reference"] / row["median_ms"], rel_tol=1e-9)
-            assert math.isclose(row["speedup_vs_loop"], reference["LSTMCell loop"] / row["median_ms"], rel_tol=1e-9)
-            assert math.isclose(row["time_vs_lstm"], row["median_ms"] / reference["nn.LSTM"], rel_tol=1e-9)
+            assert math.isclose(
+                row["speedup_vs_reference"], reference["reference"] / row["median_ms"], rel_tol=1e-9
+            )
+            assert math.isclose(
+                row["speedup_vs_loop"], reference["LSTMCell loop"] / row["median_ms"], rel_tol=1e-9
+            )
+            assert math.isclose(
+                row["time_vs_lstm"], row["median_ms"] / reference["nn.LSTM"], rel_tol=1e-9
+            )
     summary = (tmp_path / "tiny-grid.md").read_text()
     assert "| T=3 N=2 I=4 H=4 r=2 full L=1 float32 training | fused |" in summary
     assert "vs reference" in capsys.readouterr().out
@@ -59,7 +67,9 @@ def test_other_columns_in_the_file_are_refused(tmp_path, capsys) -> None:
 
 def test_grid_from_toml(tmp_path) -> None:
     grid = tmp_path / "grid.toml"
-    grid.write_text('steps = 3\nbatch = [1, 2]\nhidden_size = 4\nrounds = 1\nmode = "training"\nrank = 1\n')
+    grid.write_text(
+        'steps = 3\nbatch = [1, 2]\nhidden_size = 4\nrounds = 1\nmode = "training"\nrank = 1\n'
+    )
     configs = bench.grid_from_args(bench.parse_args(["--grid", str(grid)]))
     assert [(c.batch, c.rank, c.input_size) for c in configs] == [(1, 1, 4), (2, 1, 4)]
 
@@ -67,9 +77,13 @@ def test_grid_from_toml(tmp_path) -> None:
 def test_presets_expand() -> None:
     assert len(bench.grid_from_args(bench.parse_args([]))) == 4  # quick: S and M, two modes
     seed = bench.grid_from_args(bench.parse_args(["--preset", "seed"]))
-    assert {(c.steps, c.batch, c.input_size, c.hidden_size, c.rounds, c.share_rounds) for c in seed} == {(500, 32, 50, 125, 5, True)}
+    assert {
+        (c.steps, c.batch, c.input_size, c.hidden_size, c.rounds, c.share_rounds) for c in seed
+    } == {(500, 32, 50, 125, 5, True)}
     paper = bench.grid_from_args(bench.parse_args(["--preset", "paper", "--mode", "training"]))
-    assert [(c.hidden_size, c.rank, c.batch, c.steps, c.mode) for c in paper] == [(1000, 84, 64, 70, "training")]
+    assert [(c.hidden_size, c.rank, c.batch, c.steps, c.mode) for c in paper] == [
+        (1000, 84, 64, 70, "training")
+    ]
 
 
 @pytest.mark.parametrize(

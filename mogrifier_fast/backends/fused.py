@@ -341,7 +341,10 @@ def _forward(
     output = new(steps, rows, s.hidden_size)
     out = output.unbind(0)
     x_final, h_final = s.final_states()
-    x_half, h_half = per_step(saved.xh[..., : s.input_size]), per_step(saved.xh[..., s.input_size :])
+    x_half, h_half = (
+        per_step(saved.xh[..., : s.input_size]),
+        per_step(saved.xh[..., s.input_size :]),
+    )
     if h_final == 0:
         h_half[0].copy_(h0)
     state = {k: per_step(saved.state_over_time(s, k, x, None)) for k in range(1, r + 1)}
