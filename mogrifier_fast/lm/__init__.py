@@ -1,0 +1,1 @@
+"""Language modelling with MogrifierLSTM: corpora, model, training CLI."""
