@@ -112,7 +112,7 @@ def test_missing_package_and_files(monkeypatch, tmp_path) -> None:
     ):
         data.load_corpus("ptb")
     (tmp_path / "train.txt").write_text("a b\n")
-    with pytest.raises(data.CorpusError, match="missing valid.txt, test.txt"):
+    with pytest.raises(data.CorpusError, match=r"missing valid\.txt, test\.txt"):
         data.load_corpus(str(tmp_path))
     with pytest.raises(data.CorpusError, match="neither one of"):
         data.load_corpus("wikitext")
