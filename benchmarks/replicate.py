@@ -31,8 +31,24 @@ COMMON = ["--bptt", "70", "--batch-size", "32", "--lr", "2e-3", "--clip", "1.0",
 # Per dataset: sizes, updates (the token budget: steps x 32 x 70) and evaluation cadence, chosen
 # so that each run takes minutes on a 2-core CPU.
 DATASETS = {
-    "ptb-char": {"emb": 64, "hidden": 192, "rounds": 5, "rank": None, "steps": 6000, "eval_every": 500, "eval_tokens": 100_000},
-    "ptb": {"emb": 128, "hidden": 192, "rounds": 5, "rank": 32, "steps": 2500, "eval_every": 250, "eval_tokens": 40_000},
+    "ptb-char": {
+        "emb": 64,
+        "hidden": 192,
+        "rounds": 5,
+        "rank": None,
+        "steps": 6000,
+        "eval_every": 500,
+        "eval_tokens": 100_000,
+    },
+    "ptb": {
+        "emb": 128,
+        "hidden": 192,
+        "rounds": 5,
+        "rank": 32,
+        "steps": 2500,
+        "eval_every": 250,
+        "eval_tokens": 40_000,
+    },
 }
 
 
@@ -50,14 +66,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="ptb-char,ptb")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, help="updates per run (default: the dataset's, in DATASETS)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations (default: the dataset's)")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "replication", help="run directories (not committed)")
+    parser.add_argument(
+        "--steps", type=int, help="updates per run (default: the dataset's, in DATASETS)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, help="steps between evaluations (default: the dataset's)"
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=ROOT / "runs" / "replication",
+        help="run directories (not committed)",
+    )
     args = parser.parse_args()
     for dataset in args.datasets.split(","):
         spec = DATASETS[dataset]
         vocab = len(load_corpus(dataset).vocab)
-        mogrifier_params = parameters(vocab, spec["emb"], spec["hidden"], spec["rounds"], spec["rank"])
+        mogrifier_params = parameters(
+            vocab, spec["emb"], spec["hidden"], spec["rounds"], spec["rank"]
+        )
         lstm_hidden = matched_lstm_hidden(vocab, spec["emb"], mogrifier_params)
         models = {
             "mogrifier": (["--model", "mogrifier", "--hidden", str(spec["hidden"]), "--rounds", str(spec["rounds"])]
