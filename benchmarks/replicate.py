@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Shared by both models of a dataset: the same budget, schedule and regularisation. Nothing was
 # tuned per model; the learning rate 2e-3 (Adam, beta1 = 0) was the one value tried.
 COMMON = ["--bptt", "70", "--batch-size", "32", "--lr", "2e-3", "--clip", "1.0", "--lr-decay", "0.5", "--patience", "0",
-          "--dropout-input", "0.1", "--dropout-output", "0.1", "--no-progress"]  # fmt: skip
+          "--dropout-input", "0.1", "--dropout-output", "0.1", "--no-progress", "--epochs", "1000"]  # fmt: skip
+# (--epochs 1000: the step budget, not the epoch count, ends every run)
 # Per dataset: sizes, updates (the token budget: steps x 32 x 70) and evaluation cadence, chosen
 # so that each run takes minutes on a 2-core CPU.
 DATASETS = {

@@ -14,8 +14,10 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
   (fused into the oneDNN GEMM where that is faster) serves all four gates: tanh(g) = 2σ(2g) − 1.
 * **Data gradients in the loop, weight gradients after it**: the backward chain carries only
   dh, dc and the round gradients; every weight gradient is one GEMM over all T·B rows.
-* **The fastest GEMM for the shape**: oneDNN's packed linear (packed once per call) for large
-  per-step products on CPU in float32, MKL/cuBLAS ``addmm`` otherwise (always correct).
+* **The fastest GEMM for the shape**: on CPU in float32, oneDNN's linear for per-step products
+  of at least ``ONEDNN_MIN_MACS`` multiply-adds (with the weight packed once per call from
+  ``ONEDNN_PACK_MACS``) and for the weight gradients; ``addmm`` otherwise and on other devices
+  or dtypes (always correct). Under ``no_grad`` nothing is kept for a backward.
 """
 
 from __future__ import annotations
