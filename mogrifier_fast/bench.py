@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import mogrifier_fast as mf
+from mogrifier_fast.progress import progress_bar
 
 LOOP = "LSTMCell loop"
 LSTM = "nn.LSTM"
@@ -650,16 +651,20 @@ def run(args: argparse.Namespace) -> Path:
         f"mogrifier-bench: {len(configs)} configurations x {len(candidates)} candidates on {device} ({columns['device_name']}), {args.repeats} interleaved repeats"
     )
     all_rows = []
-    progress = _progress(configs)
-    for config in progress:
-        if hasattr(progress, "set_postfix_str"):
-            progress.set_postfix_str(config.describe())
+    bar = progress_bar(total=len(configs), desc="configurations", unit="config")
+    for config in configs:
+        if bar is not None:
+            bar.set_postfix_str(config.describe())
         rows = [
             {**columns, **row}
             for row in measure(config, candidates, device, args.repeats, not args.no_memory)
         ]
         append_rows(csv_path, rows)
         all_rows.extend(rows)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     table = markdown_table(all_rows)
     md_path.write_text(
         f"# mogrifier-bench on {columns['device_name']}\n\n`{args.command}`, commit {columns['git_commit']}, torch {columns['torch_version']}, {columns['threads']} threads\n\n{table}\n"
@@ -667,14 +672,6 @@ def run(args: argparse.Namespace) -> Path:
     print(table)
     print(f"\nrows appended to {csv_path}; summary written to {md_path}")
     return csv_path
-
-
-def _progress(configs: list[Config]) -> Iterable[Config]:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return configs
-    return tqdm(configs, desc="configurations", unit="config", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mogrifier_fast.lm.data import Corpus, CorpusError, batchify, load_corpus
 from mogrifier_fast.lm.model import LanguageModel, State
+from mogrifier_fast.progress import progress_bar
 
 METRIC_FIELDS = [
     "step",
@@ -252,18 +253,18 @@ def save_atomic(obj: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint read with ``weights_only=True``; ValueError naming the file if unreadable."""
+RESUMABLE = ("model", "optimizer", "progress", "rng", "hidden")
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...] = RESUMABLE) -> dict:
+    """A checkpoint read with ``weights_only=True``, holding the ``required`` entries;
+    ValueError naming the file when it is unreadable or incomplete."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, corrupt or foreign: all mean "unreadable"
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         raise ValueError(f"checkpoint {path} is unreadable ({reason})") from error
-    missing = (
-        {"model", "optimizer", "progress", "rng", "hidden"} - set(checkpoint)
-        if isinstance(checkpoint, dict)
-        else {"model"}
-    )
+    missing = set(required) - set(checkpoint) if isinstance(checkpoint, dict) else set(required)
     if missing:
         raise ValueError(f"checkpoint {path} is incomplete (missing {sorted(missing)})")
     return checkpoint
@@ -500,9 +501,9 @@ def train(args: argparse.Namespace) -> Path:
     )
     if checkpoint is None:
         save(f"checkpoint-{0:08d}.pt")  # a good checkpoint to fall back on from the start
-    bar = _progress_bar(
-        total_steps, progress.step, main_process and not config.get("no_progress", False)
-    )
+    bar = None
+    if main_process and not config.get("no_progress", False):
+        bar = progress_bar(total=total_steps, initial=progress.step, desc="training", unit="step")
     started, tokens_since, clock = time.perf_counter() - progress.elapsed_s, 0, time.perf_counter()
     stop = False
     network.train()
@@ -560,16 +561,6 @@ def train(args: argparse.Namespace) -> Path:
     if world > 1:
         dist.barrier()
     return out
-
-
-def _progress_bar(total: int, done: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=done, desc="training", unit="step", file=sys.stderr)
 
 
 def _gather_state(state: State | None, world: int) -> list[tuple[Tensor, Tensor]]:
@@ -633,24 +624,12 @@ def _load_run(path: Path, device: str) -> tuple[LanguageModel, Corpus, dict]:
         raise ValueError(
             f"run: {checkpoint_path} does not exist; pass a run directory holding best.pt, or a checkpoint file"
         )
-    checkpoint = load_checkpoint_model(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, required=("model", "config"))
     config = checkpoint["config"]
     corpus = load_corpus(config["data"], config.get("level"))
     model = build_model(config, len(corpus.vocab)).to(device)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), corpus, config
-
-
-def load_checkpoint_model(path: Path) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"checkpoint {path} is unreadable ({str(error).splitlines()[0][:120] if str(error) else type(error).__name__})"
-        ) from error
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise ValueError(f"checkpoint {path} holds no model and config")
-    return checkpoint
 
 
 def main_eval(argv: list[str] | None = None) -> None:
