@@ -402,19 +402,6 @@ def measure(
     return rows
 
 
-COLUMNS_DOC = {
-    "candidate": "what was timed: a MogrifierLSTM backend, 'nn.LSTM' or 'LSTMCell loop'",
-    "steps, batch, input_size, hidden_size, rounds, rank, layers, share_rounds, dtype, mode": "the configuration (rank empty: full rank)",
-    "median_ms, min_ms, max_ms": "one call (inference: forward under no_grad; training: forward+backward), over the repeats",
-    "ms_per_step": "median_ms / steps",
-    "tokens_per_s": "steps * batch / median",
-    "speedup_vs_reference, speedup_vs_loop": "the reference's or the loop's median / this median",
-    "time_vs_lstm": "this median / nn.LSTM's median at the same sizes",
-    "warmup_s": "the first call, timed apart (compilation for 'compile')",
-    "peak_memory_mb": "peak tensor memory of one call above what was allocated before it",
-}
-
-
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append rows to a CSV as complete lines, flushed to disk: an interrupted run leaves a valid
     file holding every row written before it. A file with other columns is refused."""
