@@ -16,14 +16,14 @@ The functions take plain tensors and lists, so the same definitions run in Pytho
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple  # TorchScript reads these  # noqa: UP035
+from typing import List, NamedTuple, Optional, Tuple  # TorchScript reads these annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def apply_map(v: Tensor, factors: List[Tensor], bias: Optional[Tensor]) -> Tensor:  # noqa: UP006, UP045
+def apply_map(v: Tensor, factors: List[Tensor], bias: Optional[Tensor]) -> Tensor:
     """v (B, in) -> v W^T + bias (B, out), W = factors[0] (out, in), or factors[0] (out, k) @
     factors[1] (k, in) applied as two thin products."""
     if len(factors) == 2:
@@ -34,9 +34,9 @@ def apply_map(v: Tensor, factors: List[Tensor], bias: Optional[Tensor]) -> Tenso
 def mogrify(
     x: Tensor,
     h: Tensor,
-    factors: List[List[Tensor]],  # noqa: UP006
-    biases: List[Optional[Tensor]],  # noqa: UP006, UP045
-) -> Tuple[Tensor, Tensor]:  # noqa: UP006
+    factors: List[List[Tensor]],
+    biases: List[Optional[Tensor]],
+) -> Tuple[Tensor, Tensor]:
     """Run the mogrifier rounds, one (factors, bias) per round. x: (B, I), h: (B, H) -> the
     mogrified (x, h), same shapes."""
     for j in range(len(factors)):
@@ -53,9 +53,9 @@ def lstm_step(
     c: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
-    b_ih: Optional[Tensor],  # noqa: UP045
-    b_hh: Optional[Tensor],  # noqa: UP045
-) -> Tuple[Tensor, Tensor]:  # noqa: UP006
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     """One LSTM step, ``nn.LSTM``'s gate order (i, f, g, o). x: (B, I), h, c: (B, H) -> (h', c')."""
     gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
     i, f, g, o = gates.chunk(4, dim=-1)
@@ -70,11 +70,11 @@ def mogrifier_lstm_step(
     c: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
-    b_ih: Optional[Tensor],  # noqa: UP045
-    b_hh: Optional[Tensor],  # noqa: UP045
-    factors: List[List[Tensor]],  # noqa: UP006
-    biases: List[Optional[Tensor]],  # noqa: UP006, UP045
-) -> Tuple[Tensor, Tensor]:  # noqa: UP006
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    factors: List[List[Tensor]],
+    biases: List[Optional[Tensor]],
+) -> Tuple[Tensor, Tensor]:
     """One Mogrifier LSTM step. x: (B, I), h, c: (B, H) -> (h', c'), each (B, H)."""
     x, h = mogrify(x, h, factors, biases)
     return lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
@@ -86,13 +86,13 @@ def mogrifier_lstm_sequence(
     c: Tensor,
     w_ih: Tensor,
     w_hh: Tensor,
-    b_ih: Optional[Tensor],  # noqa: UP045
-    b_hh: Optional[Tensor],  # noqa: UP045
-    factors: List[List[Tensor]],  # noqa: UP006
-    biases: List[Optional[Tensor]],  # noqa: UP006, UP045
-) -> Tuple[Tensor, Tensor, Tensor]:  # noqa: UP006
+    b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor],
+    factors: List[List[Tensor]],
+    biases: List[Optional[Tensor]],
+) -> Tuple[Tensor, Tensor, Tensor]:
     """The step looped over time. x: (T, B, I), h, c: (B, H) -> output (T, B, H), h_T, c_T."""
-    outputs: List[Tensor] = []  # noqa: UP006
+    outputs: List[Tensor] = []
     for x_t in x.unbind(0):
         h, c = mogrifier_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, factors, biases)
         outputs.append(h)

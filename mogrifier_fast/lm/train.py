@@ -541,7 +541,7 @@ def train(args: argparse.Namespace) -> Path:
     if progress.step % config["eval_every"] != 0 and progress.step < total_steps:
         evaluate_and_checkpoint(tokens_since / max(time.perf_counter() - clock, 1e-9))
     if main_process:
-        best = torch.load(out / "best.pt", map_location=device, weights_only=True)
+        best = load_checkpoint(out / "best.pt", required=("model", "step"))
         model.load_state_dict(best["model"])
         test_loss = evaluate(
             model,
