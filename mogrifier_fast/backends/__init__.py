@@ -56,6 +56,15 @@ def quiet_torchscript_deprecation() -> Iterator[None]:
         yield
 
 
+def refuse_double_backward(name: str) -> None:
+    """Called first in a hand-written backward: raise if it is being differentiated itself."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend {name!r} does not support double backward (create_graph=True): its "
+            "backward is hand-written; use backend='reference' for higher-order gradients"
+        )
+
+
 class BackendUnavailableError(ValueError, RuntimeError):
     """A known backend cannot run here (on this device, or without an optional package)."""
 
@@ -67,8 +76,8 @@ BUILTIN_MODULES: dict[str, str | None] = {
     "fused": "mogrifier_fast.backends.fused",
     "compile": "mogrifier_fast.backends.compiled",
     "script": "mogrifier_fast.backends.scripted",
-    "triton": None,
-    "cudnn": None,
+    "triton": "mogrifier_fast.backends.triton_steps",
+    "cudnn": "mogrifier_fast.backends.cudnn_steps",
     "persistent": None,
 }
 

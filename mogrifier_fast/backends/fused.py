@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mogrifier_fast.backends import Backend
+from mogrifier_fast.backends import Backend, refuse_double_backward
 from mogrifier_fast.mogrify import LayerParams
 
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
@@ -524,11 +524,7 @@ class _FusedSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "backend 'fused' does not support double backward (create_graph=True): its "
-                "backward is hand-written; use backend='reference' for higher-order gradients"
-            )
+        refuse_double_backward("fused")
         structure = ctx.structure
         x, h0, output, *rest = ctx.saved_tensors
         present = iter(rest)

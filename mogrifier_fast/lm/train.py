@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-eval-tokens",
         type=int,
         default=None,
-        help="evaluate on at most this many tokens of a split",
+        help="validate on at most this many tokens during training (the final test uses the whole split)",
     )
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept besides best.pt")
     p.add_argument("--backend", default="auto", help="MogrifierLSTM backend")
@@ -547,7 +547,6 @@ def train(args: argparse.Namespace) -> Path:
             model,
             batchify(corpus.test, config["eval_batch_size"]).to(device),
             config["bptt"],
-            config["max_eval_tokens"],
         )
         metrics.append(metric_row(progress, "test", test_loss, corpus.level, 0.0))
         unit = (
