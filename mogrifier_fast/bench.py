@@ -118,6 +118,9 @@ PRESETS: dict[str, list[dict]] = {
             "mode": list(MODES),
         }
     ],
+    # The GPU targets (benchmarks/gpu_check.py): T=70, batch 64, I=H=512, r=5, then the seed and
+    # paper settings below.
+    "gpu": [{"steps": 70, "batch": 64, "hidden_size": 512, "rounds": 5, "mode": list(MODES)}],
     # The paper's PTB setting: hidden ~1000 (input 1000), r=5, rank 84, batch 64, bptt 70.
     "paper": [
         {
@@ -130,6 +133,9 @@ PRESETS: dict[str, list[dict]] = {
         }
     ],
 }
+
+
+PRESETS["gpu"] += PRESETS["seed"] + PRESETS["paper"]
 
 
 class LSTMCellLoop(nn.Module):

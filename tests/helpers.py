@@ -129,10 +129,16 @@ class Case:
                 f"{k}={v}" for k, v in shown.items()
             )
 
-    def build(self, dtype: torch.dtype = torch.float64, backend: str = "reference"):
-        """(layer, input, hx or None), deterministic in ``seed``; input and hx require grad."""
+    def build(
+        self,
+        dtype: torch.dtype = torch.float64,
+        backend: str = "reference",
+        device: torch.device | str = "cpu",
+    ):
+        """(layer, input, hx or None) on ``device``, deterministic in ``seed`` (drawn on CPU);
+        input and hx require grad."""
         torch.manual_seed(self.seed)
-        layer = mf.MogrifierLSTM(**self.kwargs, backend=backend, dtype=dtype)
+        layer = mf.MogrifierLSTM(**self.kwargs, backend=backend, dtype=dtype).to(device)
         size = (self.steps, self.kwargs["input_size"])
         if not self.unbatched:
             batch_dims = (
@@ -153,6 +159,9 @@ class Case:
                 else (states, self.batch, self.kwargs["hidden_size"])
             )
             hx = tuple(torch.randn(state_size, dtype=dtype, requires_grad=True) for _ in range(2))
+        if torch.device(device).type != "cpu":
+            x = x.detach().to(device).requires_grad_()
+            hx = None if hx is None else tuple(t.detach().to(device).requires_grad_() for t in hx)
         return layer, x, hx
 
 

@@ -1,11 +1,14 @@
 """Every backend, by name, against the independent oracle: forward and backward.
 
 A backend is tested here by being registered: this module is parametrised over
-``available_backends("cpu")``. Tolerances are DESIGN.md's: relative error <= 1e-9 in float64 and
+``available_backends(device)``, device "cpu" unless ``MOGRIFIER_TEST_DEVICE`` names another
+(the GPU check runs it with "cuda"). Tolerances are DESIGN.md's: relative error <= 1e-9 in float64 and
 <= 1e-4 in float32 (a backend may refuse float64 with a TypeError, none may refuse float32).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ import torch
 import mogrifier_fast as mf
 from tests.helpers import TOLERANCE, Case, oracle_and_grad, random_cases, rel_err, run_and_grad
 
-BACKENDS = mf.available_backends("cpu")
+DEVICE = torch.device(os.environ.get("MOGRIFIER_TEST_DEVICE", "cpu"))
+BACKENDS = mf.available_backends(DEVICE)
 
 # Each feature on its own, then random mixtures of all of them.
 FEATURE_CASES = [
@@ -71,7 +75,7 @@ def cases_for(dtype_stride: int = 1) -> list:
 
 
 def check_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
-    layer, x, hx = case.build(dtype=dtype, backend=backend)
+    layer, x, hx = case.build(dtype=dtype, backend=backend, device=DEVICE)
     try:
         outputs, gradients = run_and_grad(layer, x, hx)
     except TypeError as error:
@@ -123,7 +127,7 @@ def test_gradcheck(backend: str) -> None:
     )
     if backend in SLOW_BACKENDS:
         case = Case({"input_size": 2, "hidden_size": 3, "rounds": 3, "rank": 1}, 2, 2, with_hx=True)
-    layer, x, hx = case.build(dtype=torch.float64, backend=backend)
+    layer, x, hx = case.build(dtype=torch.float64, backend=backend, device=DEVICE)
     names = [name for name, _ in layer.named_parameters()]
 
     def function(x, h0, c0, *params):
@@ -138,7 +142,7 @@ def test_gradcheck(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_works_or_raises_clearly(backend: str) -> None:
     case = Case({"input_size": 2, "hidden_size": 3, "rounds": 3}, steps=2, batch=2)
-    layer, x, _ = case.build(dtype=torch.float64, backend=backend)
+    layer, x, _ = case.build(dtype=torch.float64, backend=backend, device=DEVICE)
 
     def function(x):
         return layer(x)[0]
@@ -152,7 +156,7 @@ def test_double_backward_works_or_raises_clearly(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_is_deterministic(backend: str) -> None:
     case = Case({"input_size": 4, "hidden_size": 5, "rounds": 5, "num_layers": 2}, steps=5, batch=3)
-    layer, x, hx = case.build(dtype=torch.float32, backend=backend)
+    layer, x, hx = case.build(dtype=torch.float32, backend=backend, device=DEVICE)
     first = run_and_grad(layer, x, hx)
     second = run_and_grad(layer, x, hx)
     for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1]), strict=True):
@@ -162,9 +166,35 @@ def test_backend_is_deterministic(backend: str) -> None:
 @pytest.mark.parametrize(("backend", "case"), cases_for(dtype_stride=2))
 def test_inference_matches_oracle(backend: str, case: Case) -> None:
     """Under no_grad a backend may take a path that keeps nothing for a backward."""
-    layer, x, hx = case.build(dtype=torch.float64, backend=backend)
+    layer, x, hx = case.build(dtype=torch.float64, backend=backend, device=DEVICE)
     with torch.no_grad():
         output, (h_n, c_n) = layer(x, hx)
     (want_output, want_h, want_c), _ = oracle_and_grad(layer, x, hx)
     for got, want in ((output, want_output), (h_n, want_h), (c_n, want_c)):
         assert rel_err(got, want) <= TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "tf32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduced_precision_no_worse_than_reference(backend: str, precision: str) -> None:
+    """bf16, and float32 with TF32 products: a backend's error against the float64 oracle is
+    at most twice the reference loop's own error in the same precision (outputs and gradients)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("bf16 and TF32 are checked on a GPU (MOGRIFIER_TEST_DEVICE=cuda)")
+    case = Case({"input_size": 48, "hidden_size": 80, "rounds": 5, "rank": 16}, steps=6, batch=8)
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        errors = {}
+        for name in {backend, "reference"}:
+            layer, x, hx = case.build(dtype=dtype, backend=name, device=DEVICE)
+            outputs, gradients = run_and_grad(layer, x, hx)
+            expected_outputs, expected_gradients = oracle_and_grad(layer, x, hx)
+            got = outputs + tuple(gradients)
+            want = expected_outputs + tuple(expected_gradients)
+            errors[name] = [rel_err(a, b) for a, b in zip(got, want, strict=True)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+    for got, reference in zip(errors[backend], errors["reference"], strict=True):
+        assert got <= max(2 * reference, 1e-3), (got, reference)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from mogrifier_fast import bench
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--steps", "3", "--batch", "2", "--hidden-size", "4", "--rounds", "0,2", "--repeats", "2"]
 CANDIDATES = ["--candidates", "reference,fused,nn.LSTM,LSTMCell loop"]
@@ -114,3 +119,19 @@ def test_unknown_grid_column(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--grid", str(grid), "--out", str(tmp_path)])
     assert "grid: unknown column(s) ['hiden_size']" in capsys.readouterr().err
+
+
+def test_gpu_check_script_runs_in_smoke_mode(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py end to end on CPU (--smoke: Triton's interpreter, tiny sizes)."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", str(tmp_path), "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "phases passed: 2/2" in log and "triton" in log
+    assert (tmp_path / "tests.txt").read_text().strip().endswith("s")
+    assert list(tmp_path.glob("cpu-*.csv"))

@@ -11,15 +11,15 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (pip install -e .[dev])")
 
-import mogrifier_fast as mf  # noqa: E402
-from mogrifier_fast import backends  # noqa: E402
-from mogrifier_fast.backends import Backend  # noqa: E402
-from mogrifier_fast.backends.cuda_graphs import _flatten, graphed  # noqa: E402
-from mogrifier_fast.backends.cudnn_steps import run_cudnn  # noqa: E402
-from mogrifier_fast.kernels import interpreted, lstm, mogrify  # noqa: E402
-from mogrifier_fast.mogrify import lstm_step  # noqa: E402
-from tests.helpers import Case, oracle_and_grad, rel_err, run_and_grad  # noqa: E402
-from tests.test_backends import check_against_oracle  # noqa: E402
+import mogrifier_fast as mf
+from mogrifier_fast import backends
+from mogrifier_fast.backends import Backend
+from mogrifier_fast.backends.cuda_graphs import _flatten, graphed
+from mogrifier_fast.backends.cudnn_steps import run_cudnn
+from mogrifier_fast.kernels import interpreted, lstm, mogrify
+from mogrifier_fast.mogrify import lstm_step
+from tests.helpers import Case, oracle_and_grad, rel_err, run_and_grad
+from tests.test_backends import check_against_oracle
 
 DEVICE = "cpu" if interpreted(lstm._lstm_forward_kernel) else "cuda"
 

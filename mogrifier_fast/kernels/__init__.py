@@ -12,10 +12,9 @@ Importing this package raises ImportError when triton is not installed.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
-
 from triton.runtime.interpreter import InterpretedFunction
 
 

@@ -114,7 +114,7 @@ def _mogrify_forward_kernel(
     xs, hs, sig_x, sig_h, inner, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
     xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
     maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-    I: tl.constexpr, H: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
+    X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
     LAST: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -128,8 +128,8 @@ def _mogrify_forward_kernel(
             _round_forward(
                 hs + m * hs_stride, xs + m * xs_stride, xs + (m + 1) * xs_stride,
                 sig_x + m * sig_x_stride, inner + (j - 1) * inner_stride,
-                maps_x + m * maps_x_stride, factors_x + m * factors_x_stride, bias_x + m * I,
-                rows, n_rows, pid_n, n_programs, I, H, RANK, HAS_BIAS, ACC,
+                maps_x + m * maps_x_stride, factors_x + m * factors_x_stride, bias_x + m * X_SIZE,
+                rows, n_rows, pid_n, n_programs, X_SIZE, H_SIZE, RANK, HAS_BIAS, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         else:
@@ -137,8 +137,8 @@ def _mogrify_forward_kernel(
             _round_forward(
                 xs + (m + 1) * xs_stride, hs + m * hs_stride, hs + (m + 1) * hs_stride,
                 sig_h + m * sig_h_stride, inner + (j - 1) * inner_stride,
-                maps_h + m * maps_h_stride, factors_h + m * factors_h_stride, bias_h + m * H,
-                rows, n_rows, pid_n, n_programs, H, I, RANK, HAS_BIAS, ACC,
+                maps_h + m * maps_h_stride, factors_h + m * factors_h_stride, bias_h + m * H_SIZE,
+                rows, n_rows, pid_n, n_programs, H_SIZE, X_SIZE, RANK, HAS_BIAS, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         tl.debug_barrier()
@@ -232,7 +232,7 @@ def _mogrify_backward_kernel(
     xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride, grad_hs_stride,
     dz_x_stride, dz_h_stride, dinner_stride,
     maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-    I: tl.constexpr, H: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
+    X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
     LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -248,7 +248,7 @@ def _mogrify_backward_kernel(
                 grad_hs + m * grad_hs_stride, xs + m * xs_stride, sig_x + m * sig_x_stride,
                 dz_x + m * dz_x_stride, dinner + (j - 1) * dinner_stride,
                 maps_x + m * maps_x_stride, factors_x + m * factors_x_stride,
-                rows, n_rows, pid_n, n_programs, I, H, RANK, ACC,
+                rows, n_rows, pid_n, n_programs, X_SIZE, H_SIZE, RANK, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         else:
@@ -258,7 +258,7 @@ def _mogrify_backward_kernel(
                 grad_xs + (m + 1) * grad_xs_stride, hs + m * hs_stride, sig_h + m * sig_h_stride,
                 dz_h + m * dz_h_stride, dinner + (j - 1) * dinner_stride,
                 maps_h + m * maps_h_stride, factors_h + m * factors_h_stride,
-                rows, n_rows, pid_n, n_programs, H, I, RANK, ACC,
+                rows, n_rows, pid_n, n_programs, H_SIZE, X_SIZE, RANK, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         tl.debug_barrier()
@@ -372,7 +372,7 @@ def mogrify_forward(maps: StackedMaps, buffers: MogrifyBuffers, t: int) -> None:
             xs.stride(0), hs.stride(0), _stride(sig_x), _stride(sig_h), _stride(inner),
             _stride(maps.maps_x), _stride(maps.maps_h),
             _stride(maps.factors_x), _stride(maps.factors_h), rows,
-            I=big_i, H=big_h, RANK=maps.rank, FIRST=first, LAST=last,
+            X_SIZE=big_i, H_SIZE=big_h, RANK=maps.rank, FIRST=first, LAST=last,
             HAS_BIAS=maps.bias_x is not None, ACC=accumulator(xs.dtype),
             PRECISION=dot_precision(xs.dtype), **_blocks(maps, big_i, big_h),
         )  # fmt: skip
@@ -406,7 +406,7 @@ def mogrify_backward(
             grad_xs.stride(0), grad_hs.stride(0), _stride(dzx), _stride(dzh), _stride(dinn),
             _stride(maps.maps_x), _stride(maps.maps_h),
             _stride(maps.factors_x), _stride(maps.factors_h), rows,
-            I=big_i, H=big_h, RANK=maps.rank, FIRST=first, LAST=last,
+            X_SIZE=big_i, H_SIZE=big_h, RANK=maps.rank, FIRST=first, LAST=last,
             ACC=accumulator(xs.dtype), PRECISION=dot_precision(xs.dtype),
             **_blocks(maps, big_i, big_h),
         )  # fmt: skip
