@@ -166,3 +166,17 @@ def test_lstm_step_is_the_spec() -> None:
     lstm.lstm_forward(gates.to(DEVICE), c.to(DEVICE), c_next, h_next)
     h_want, c_want = lstm_step(x, h, c, w_ih, w_hh, None, None)
     assert rel_err(h_next.cpu(), h_want) <= 1e-12 and rel_err(c_next.cpu(), c_want) <= 1e-12
+
+
+def test_persistent_falls_back_to_step_by_step_once(monkeypatch, caplog) -> None:
+    """A layer over the weight budget runs backend "triton"'s steps, said once in the log."""
+    from mogrifier_fast.backends import persistent
+
+    monkeypatch.setattr(persistent, "MAX_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(persistent, "_fallbacks_logged", set())
+    case = Case({"input_size": 5, "hidden_size": 6, "rounds": 4, "rank": 2}, steps=3, batch=2)
+    with caplog.at_level("WARNING", logger="mogrifier_fast"):
+        check_against_oracle("persistent", case, torch.float64)
+        check_against_oracle("persistent", case, torch.float64)
+    fallbacks = [r for r in caplog.records if "runs step by step" in r.getMessage()]
+    assert len(fallbacks) == 1 and "MAX_WEIGHT_BYTES" in fallbacks[0].getMessage()

@@ -78,7 +78,7 @@ BUILTIN_MODULES: dict[str, str | None] = {
     "script": "mogrifier_fast.backends.scripted",
     "triton": "mogrifier_fast.backends.triton_steps",
     "cudnn": "mogrifier_fast.backends.cudnn_steps",
-    "persistent": None,
+    "persistent": "mogrifier_fast.backends.persistent",
 }
 
 # What "auto" tries, fastest first, by device type; the first that runs is taken.

@@ -25,15 +25,17 @@ from mogrifier_fast.kernels.mogrify import (
     mogrify_forward,
     stacked_map_grads,
 )
+from mogrifier_fast.kernels.persistent import persistent_backward, persistent_forward
 from mogrifier_fast.mogrify import LayerParams
 
 
 def _forward(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
-    maps: StackedMaps,
+    maps: StackedMaps, persistent: bool,
 ) -> tuple[Tensor, Tensor, Tensor, MogrifyBuffers]:  # fmt: skip
     """x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), cells (T+1, B, H) = c_0..c_T,
-    gate pre-activations (T, B, 4H), and the rounds' buffers."""
+    gate pre-activations (T, B, 4H), and the rounds' buffers; step by step, or in one
+    ``persistent`` launch."""
     steps, rows, _ = x.shape
     big_h = h0.shape[1]
     buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, steps, rows, x.shape[2], big_h, x)
@@ -43,6 +45,9 @@ def _forward(
     cells = x.new_empty(steps + 1, rows, big_h)
     cells[0].copy_(c0)
     output = x.new_empty(steps, rows, big_h)
+    if persistent:
+        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output)
+        return output, cells, gates, buffers
     x_final, h_final = buffers.xs[-1], buffers.hs[-1]
     for t in range(steps):
         if maps.rounds:
@@ -58,12 +63,15 @@ def _forward(
 
 
 class _TritonSequence(torch.autograd.Function):
+    """One layer-direction over a whole sequence, step by step or persistent (the first
+    argument); the same buffers, backward chain and weight-gradient products either way."""
+
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, bias, *map_tensors):
+    def forward(ctx, persistent, x, h0, c0, w_ih, w_hh, bias, *map_tensors):
         maps = StackedMaps(*map_tensors)
-        output, cells, gates, buffers = _forward(x, h0, c0, w_ih, w_hh, bias, maps)
-        present = [t is not None for t in map_tensors]
-        ctx.present, ctx.has_bias = present, bias is not None
+        output, cells, gates, buffers = _forward(x, h0, c0, w_ih, w_hh, bias, maps, persistent)
+        ctx.persistent, ctx.has_bias = persistent, bias is not None
+        ctx.present = [t is not None for t in map_tensors]
         ctx.save_for_backward(
             w_ih, w_hh, cells, gates, *buffers, *(t for t in map_tensors if t is not None)
         )
@@ -71,7 +79,8 @@ class _TritonSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
-        refuse_double_backward("triton")
+        name = "persistent" if ctx.persistent else "triton"
+        refuse_double_backward(name)
         w_ih, w_hh, cells, gates, *rest = ctx.saved_tensors
         buffers = MogrifyBuffers(*rest[:5])
         found = iter(rest[5:])
@@ -80,21 +89,28 @@ class _TritonSequence(torch.autograd.Function):
         xs, hs = buffers.xs, buffers.hs
         grad_output = grad_output.contiguous()
         grad_gates = gates.new_empty(gates.shape)
+        # Per-step state gradients; grad_hs[0] carries dh into the step before.
         grad_xs, grad_hs = xs.new_empty(xs[:, 0].shape), hs.new_empty(hs[:, 0].shape)
+        grad_hs[0].copy_(grad_h)
+        grad_cell = grad_c.clone()
         dz_x, dz_h = torch.empty_like(buffers.sig_x), torch.empty_like(buffers.sig_h)
         dinner = torch.empty_like(buffers.inner)
         grad_x = xs.new_empty(xs.shape[1:])
-        carry, grad_cell = grad_h.clone(), grad_c.clone()
-        for t in range(steps - 1, -1, -1):
+        if ctx.persistent:
+            persistent_backward(
+                maps, buffers, w_ih, w_hh, gates, cells, grad_output, grad_xs, grad_hs,
+                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x,
+            )  # fmt: skip
+        for t in range(steps - 1, -1, -1) if not ctx.persistent else ():
             lstm_backward(
-                gates[t], cells[t], cells[t + 1], grad_output[t], carry, grad_cell, grad_gates[t]
-            )
+                gates[t], cells[t], cells[t + 1], grad_output[t], grad_hs[0], grad_cell,
+                grad_gates[t],
+            )  # fmt: skip
             torch.mm(grad_gates[t], w_ih, out=grad_xs[-1])
             torch.mm(grad_gates[t], w_hh, out=grad_hs[-1])
             if maps.rounds:
                 mogrify_backward(maps, buffers, t, grad_xs, grad_hs, dz_x, dz_h, dinner)
             grad_x[t].copy_(grad_xs[0])
-            carry.copy_(grad_hs[0])
 
         # Weight gradients: one product each over all T·B rows.
         gate_rows = grad_gates.view(steps * rows, 4 * big_h)
@@ -102,24 +118,24 @@ class _TritonSequence(torch.autograd.Function):
         grad_w_hh = gate_rows.t() @ hs[-1].reshape(steps * rows, -1)
         grad_bias = gate_rows.sum(0) if ctx.has_bias else None
         map_grads = stacked_map_grads(maps, buffers, dz_x, dz_h, dinner)
-        return grad_x, carry, grad_cell, grad_w_ih, grad_w_hh, grad_bias, *map_grads
+        return None, grad_x, grad_hs[0], grad_cell, grad_w_ih, grad_w_hh, grad_bias, *map_grads
 
 
-def run_triton(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
+def run_sequence(
+    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, persistent: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
     maps = StackedMaps.from_params(params)
     bias = None if params.b_ih is None else params.b_ih + params.b_hh
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), params.w_ih, params.w_hh, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, *maps)):
-        return _TritonSequence.apply(*args, *maps)
-    output, cells, _, _ = _forward(*args, maps)
+        return _TritonSequence.apply(persistent, *args, *maps)
+    output, cells, _, _ = _forward(*args, maps, persistent)
     return output, output[-1].clone(), cells[-1].clone()
 
 
 BACKEND = Backend(
     name="triton",
-    run=graphed("triton", run_triton),
+    run=graphed("triton", run_sequence),
     unavailable_reason=lambda device: kernel_unavailable_reason(_lstm_forward_kernel, device),
 )

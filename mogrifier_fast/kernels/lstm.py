@@ -34,11 +34,67 @@ def _tanh(x):
 
 
 @triton.jit
-def _offsets(n_rows, H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev):
+    """(c', h') from the gates' pre-activations and c, all (rows, cols) in one precision."""
+    c = tl.sigmoid(pre_f) * c_prev + tl.sigmoid(pre_i) * _tanh(pre_g)
+    return c, tl.sigmoid(pre_o) * _tanh(c)
+
+
+@triton.jit
+def _cell_backward(pre_i, pre_f, pre_g, pre_o, c_prev, c_next, dh, dc):
+    """Gradients of the four pre-activations and of c, from those of h' (dh) and c' (dc)."""
+    i, f, g, o = tl.sigmoid(pre_i), tl.sigmoid(pre_f), _tanh(pre_g), tl.sigmoid(pre_o)
+    tanh_c = _tanh(c_next)
+    dc = dc + dh * o * (1 - tanh_c * tanh_c)
+    return (
+        dc * g * i * (1 - i),
+        dc * c_prev * f * (1 - f),
+        dc * i * (1 - g * g),
+        dh * tanh_c * o * (1 - o),
+        dc * f,
+    )
+
+
+@triton.jit
+def _load_gates(gates, offsets, ok, H: tl.constexpr, ACC: tl.constexpr):
+    """The four gate tiles at ``offsets`` of a (rows, 4H) block, in ACC."""
+    return (
+        tl.load(gates + offsets, mask=ok, other=0.0).to(ACC),
+        tl.load(gates + offsets + H, mask=ok, other=0.0).to(ACC),
+        tl.load(gates + offsets + 2 * H, mask=ok, other=0.0).to(ACC),
+        tl.load(gates + offsets + 3 * H, mask=ok, other=0.0).to(ACC),
+    )
+
+
+@triton.jit
+def _store_gates(gates, offsets, ok, d_i, d_f, d_g, d_o, H: tl.constexpr):
+    out = gates.dtype.element_ty
+    tl.store(gates + offsets, d_i.to(out), mask=ok)
+    tl.store(gates + offsets + H, d_f.to(out), mask=ok)
+    tl.store(gates + offsets + 2 * H, d_g.to(out), mask=ok)
+    tl.store(gates + offsets + 3 * H, d_o.to(out), mask=ok)
+
+
+@triton.jit
+def _cell_backward_tile(
+    gates, c_prev, c_next, grad_h_out, grad_h_carry, grad_c, grad_gates, rows, cols, n_rows,
+    H: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One (rows, cols) tile of the pointwise backward: grad_gates from dh = grad_h_out +
+    grad_h_carry and grad_c, which becomes the gradient of c_prev in place."""
     ok = (rows < n_rows)[:, None] & (cols < H)[None, :]
-    return rows[:, None] * (4 * H) + cols[None, :], rows[:, None] * H + cols[None, :], ok
+    g_off, off = rows[:, None] * (4 * H) + cols[None, :], rows[:, None] * H + cols[None, :]
+    pre_i, pre_f, pre_g, pre_o = _load_gates(gates, g_off, ok, H, ACC)
+    dh = tl.load(grad_h_out + off, mask=ok, other=0.0).to(ACC)
+    dh += tl.load(grad_h_carry + off, mask=ok, other=0.0).to(ACC)
+    d_i, d_f, d_g, d_o, dc = _cell_backward(
+        pre_i, pre_f, pre_g, pre_o,
+        tl.load(c_prev + off, mask=ok, other=0.0).to(ACC),
+        tl.load(c_next + off, mask=ok, other=0.0).to(ACC),
+        dh, tl.load(grad_c + off, mask=ok, other=0.0).to(ACC),
+    )  # fmt: skip
+    _store_gates(grad_gates, g_off, ok, d_i, d_f, d_g, d_o, H)
+    tl.store(grad_c + off, dc.to(grad_c.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -48,13 +104,15 @@ def _lstm_forward_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """c_next, h_next (B, H) from gates (B, 4H) and c_prev; h also into h_copy with COPY."""
-    g_off, off, ok = _offsets(n_rows, H, BLOCK_B, BLOCK_H)
-    i = tl.sigmoid(tl.load(gates + g_off, mask=ok, other=0.0).to(ACC))
-    f = tl.sigmoid(tl.load(gates + g_off + H, mask=ok, other=0.0).to(ACC))
-    g = _tanh(tl.load(gates + g_off + 2 * H, mask=ok, other=0.0).to(ACC))
-    o = tl.sigmoid(tl.load(gates + g_off + 3 * H, mask=ok, other=0.0).to(ACC))
-    c = f * tl.load(c_prev + off, mask=ok, other=0.0).to(ACC) + i * g
-    h = (o * _tanh(c)).to(h_next.dtype.element_ty)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = (rows < n_rows)[:, None] & (cols < H)[None, :]
+    g_off, off = rows[:, None] * (4 * H) + cols[None, :], rows[:, None] * H + cols[None, :]
+    pre_i, pre_f, pre_g, pre_o = _load_gates(gates, g_off, ok, H, ACC)
+    c, h = _cell_forward(
+        pre_i, pre_f, pre_g, pre_o, tl.load(c_prev + off, mask=ok, other=0.0).to(ACC)
+    )
+    h = h.to(h_next.dtype.element_ty)
     tl.store(c_next + off, c.to(c_next.dtype.element_ty), mask=ok)
     tl.store(h_next + off, h, mask=ok)
     if COPY:
@@ -66,24 +124,12 @@ def _lstm_backward_kernel(
     gates, c_prev, c_next, grad_h_out, grad_h_carry, grad_c, grad_gates, n_rows,
     H: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
-    """From dh = grad_h_out + grad_h_carry and dc = grad_c (gradients of h', c'): the gates'
-    pre-activation gradients into grad_gates (B, 4H), and grad_c <- the gradient of c_prev."""
-    g_off, off, ok = _offsets(n_rows, H, BLOCK_B, BLOCK_H)
-    i = tl.sigmoid(tl.load(gates + g_off, mask=ok, other=0.0).to(ACC))
-    f = tl.sigmoid(tl.load(gates + g_off + H, mask=ok, other=0.0).to(ACC))
-    g = _tanh(tl.load(gates + g_off + 2 * H, mask=ok, other=0.0).to(ACC))
-    o = tl.sigmoid(tl.load(gates + g_off + 3 * H, mask=ok, other=0.0).to(ACC))
-    tanh_c = _tanh(tl.load(c_next + off, mask=ok, other=0.0).to(ACC))
-    dh = tl.load(grad_h_out + off, mask=ok, other=0.0).to(ACC)
-    dh += tl.load(grad_h_carry + off, mask=ok, other=0.0).to(ACC)
-    dc = tl.load(grad_c + off, mask=ok, other=0.0).to(ACC) + dh * o * (1 - tanh_c * tanh_c)
-    out = grad_gates.dtype.element_ty
-    tl.store(grad_gates + g_off, (dc * g * i * (1 - i)).to(out), mask=ok)
-    c = tl.load(c_prev + off, mask=ok, other=0.0).to(ACC)
-    tl.store(grad_gates + g_off + H, (dc * c * f * (1 - f)).to(out), mask=ok)
-    tl.store(grad_gates + g_off + 2 * H, (dc * i * (1 - g * g)).to(out), mask=ok)
-    tl.store(grad_gates + g_off + 3 * H, (dh * tanh_c * o * (1 - o)).to(out), mask=ok)
-    tl.store(grad_c + off, (dc * f).to(grad_c.dtype.element_ty), mask=ok)
+    """The pointwise backward of one step, a (BLOCK_B, BLOCK_H) tile per program."""
+    _cell_backward_tile(
+        gates, c_prev, c_next, grad_h_out, grad_h_carry, grad_c, grad_gates,
+        tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B),
+        tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H), n_rows, H, ACC,
+    )  # fmt: skip
 
 
 def _grid(rows: int, hidden: int) -> tuple[tuple[int, int], dict]:

@@ -1,0 +1,63 @@
+"""Backend ``"persistent"``: the whole recurrence in one Triton launch, forward and backward.
+
+See :mod:`mogrifier_fast.kernels.persistent` for the kernels; the autograd function, buffers and
+weight-gradient products are the step-by-step backend's (:mod:`.triton_steps`). A layer whose
+weights exceed ``MAX_WEIGHT_BYTES`` (they are re-read from cache every step, so they should fit
+in the GPU's L2) runs step by step instead, said once per layer shape in the ``mogrifier_fast``
+log. On a CUDA device calls are replayed from CUDA graphs like the other Triton backends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import Tensor
+
+from mogrifier_fast.backends import Backend
+from mogrifier_fast.backends.cuda_graphs import graphed
+from mogrifier_fast.backends.triton_steps import run_sequence
+from mogrifier_fast.kernels import kernel_unavailable_reason
+from mogrifier_fast.kernels.persistent import _persistent_forward_kernel
+from mogrifier_fast.mogrify import LayerParams
+
+# The most weight bytes a layer-direction may have to run persistently (about two thirds of an
+# H100/H200's 50-60 MB L2). A design bound, not a measured optimum.
+MAX_WEIGHT_BYTES = 40 * 2**20
+
+logger = logging.getLogger("mogrifier_fast")
+_fallbacks_logged: set[tuple] = set()
+
+
+def weight_bytes(params: LayerParams) -> int:
+    """Bytes of one layer-direction's weights as the kernels read them (shared maps once)."""
+    tensors = {
+        id(t): t for t in (params.w_ih, params.w_hh, params.b_ih, params.b_hh) if t is not None
+    }
+    for round_map in params.maps:
+        tensors.update({id(t): t for t in (*round_map.factors, round_map.bias) if t is not None})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def run_persistent(
+    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+    size = weight_bytes(params)
+    if size > MAX_WEIGHT_BYTES:
+        shape = (params.w_ih.shape, params.w_hh.shape, params.rounds, x.dtype)
+        if shape not in _fallbacks_logged:
+            _fallbacks_logged.add(shape)
+            logger.warning(
+                "backend 'persistent': %.1f MB of weights exceed its %.0f MB budget "
+                "(MAX_WEIGHT_BYTES); this layer runs step by step (backend 'triton')",
+                size / 2**20, MAX_WEIGHT_BYTES / 2**20,
+            )  # fmt: skip
+        return run_sequence(x, h0, c0, params)
+    return run_sequence(x, h0, c0, params, persistent=True)
+
+
+BACKEND = Backend(
+    name="persistent",
+    run=graphed("persistent", run_persistent),
+    unavailable_reason=lambda device: kernel_unavailable_reason(_persistent_forward_kernel, device),
+)
