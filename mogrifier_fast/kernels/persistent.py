@@ -50,6 +50,23 @@ def _weight_t(w, rows, cols, width, n_rows):
 
 
 @triton.jit
+def _accumulate_gates(
+    v, w, rows, row_ok, n, acc_i, acc_f, acc_g, acc_o, K_SIZE: tl.constexpr,
+    H_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The four gate accumulators of columns n plus v (rows, K) W^T, W (4H, K) row-major."""
+    G = 4 * H_SIZE
+    for k0 in range(0, K_SIZE, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = _load_tile(v, rows, k, K_SIZE, row_ok)
+        acc_i = tl.dot(a, _weight_t(w, n, k, K_SIZE, G), acc_i, input_precision=PRECISION)
+        acc_f = tl.dot(a, _weight_t(w, n + H_SIZE, k, K_SIZE, G), acc_f, input_precision=PRECISION)
+        acc_g = tl.dot(a, _weight_t(w, n + 2 * H_SIZE, k, K_SIZE, G), acc_g, input_precision=PRECISION)  # fmt: skip
+        acc_o = tl.dot(a, _weight_t(w, n + 3 * H_SIZE, k, K_SIZE, G), acc_o, input_precision=PRECISION)  # fmt: skip
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def _gates_and_cell(
     x, h, w_ih, w_hh, bias, gates, c_prev, c_next, h_out, h_copy, copy_rows, rows, n_rows,
     X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, GATE_BIAS: tl.constexpr, ACC: tl.constexpr,
@@ -66,20 +83,12 @@ def _gates_and_cell(
         acc_f = tl.zeros((BLOCK_B, BLOCK_N), ACC)
         acc_g = tl.zeros((BLOCK_B, BLOCK_N), ACC)
         acc_o = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-        for k0 in range(0, X_SIZE, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = _load_tile(x, rows, k, X_SIZE, row_ok)
-            acc_i = tl.dot(a, _weight_t(w_ih, n, k, X_SIZE, G), acc_i, input_precision=PRECISION)
-            acc_f = tl.dot(a, _weight_t(w_ih, n + H_SIZE, k, X_SIZE, G), acc_f, input_precision=PRECISION)  # fmt: skip
-            acc_g = tl.dot(a, _weight_t(w_ih, n + 2 * H_SIZE, k, X_SIZE, G), acc_g, input_precision=PRECISION)  # fmt: skip
-            acc_o = tl.dot(a, _weight_t(w_ih, n + 3 * H_SIZE, k, X_SIZE, G), acc_o, input_precision=PRECISION)  # fmt: skip
-        for k0 in range(0, H_SIZE, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = _load_tile(h, rows, k, H_SIZE, row_ok)
-            acc_i = tl.dot(a, _weight_t(w_hh, n, k, H_SIZE, G), acc_i, input_precision=PRECISION)
-            acc_f = tl.dot(a, _weight_t(w_hh, n + H_SIZE, k, H_SIZE, G), acc_f, input_precision=PRECISION)  # fmt: skip
-            acc_g = tl.dot(a, _weight_t(w_hh, n + 2 * H_SIZE, k, H_SIZE, G), acc_g, input_precision=PRECISION)  # fmt: skip
-            acc_o = tl.dot(a, _weight_t(w_hh, n + 3 * H_SIZE, k, H_SIZE, G), acc_o, input_precision=PRECISION)  # fmt: skip
+        acc_i, acc_f, acc_g, acc_o = _accumulate_gates(
+            x, w_ih, rows, row_ok, n, acc_i, acc_f, acc_g, acc_o, X_SIZE, H_SIZE, BLOCK_K, PRECISION
+        )
+        acc_i, acc_f, acc_g, acc_o = _accumulate_gates(
+            h, w_hh, rows, row_ok, n, acc_i, acc_f, acc_g, acc_o, H_SIZE, H_SIZE, BLOCK_K, PRECISION
+        )
         col_ok = n < H_SIZE
         if GATE_BIAS:
             acc_i += tl.load(bias + n, mask=col_ok, other=0.0).to(ACC)[None, :]
