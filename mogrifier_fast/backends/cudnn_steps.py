@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mogrifier_fast.backends import Backend, refuse_double_backward
 from mogrifier_fast.backends.cuda_graphs import graphed
-from mogrifier_fast.kernels import kernel_unavailable_reason
+from mogrifier_fast.kernels import check_dtype, kernel_unavailable_reason
 from mogrifier_fast.kernels.mogrify import (
     MogrifyBuffers,
     StackedMaps,
@@ -64,6 +64,7 @@ def run_cudnn(
     x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+    check_dtype("cudnn", x)
     maps = StackedMaps.from_params(params)
     has_bias = params.b_ih is not None
     weights = [params.w_ih, params.w_hh, *((params.b_ih, params.b_hh) if has_bias else ())]

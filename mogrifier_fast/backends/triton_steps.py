@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mogrifier_fast.backends import Backend, refuse_double_backward
 from mogrifier_fast.backends.cuda_graphs import graphed
-from mogrifier_fast.kernels import kernel_unavailable_reason
+from mogrifier_fast.kernels import check_dtype, kernel_unavailable_reason
 from mogrifier_fast.kernels.lstm import _lstm_forward_kernel, lstm_backward, lstm_forward
 from mogrifier_fast.kernels.mogrify import (
     MogrifyBuffers,
@@ -125,6 +125,7 @@ def run_sequence(
     x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, persistent: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+    check_dtype("persistent" if persistent else "triton", x)
     maps = StackedMaps.from_params(params)
     bias = None if params.b_ih is None else params.b_ih + params.b_hh
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), params.w_ih, params.w_hh, bias)

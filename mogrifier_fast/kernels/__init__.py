@@ -12,6 +12,8 @@ Importing this package raises ImportError when triton is not installed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -54,4 +56,41 @@ def block(size: int, least: int = 16, most: int = 64) -> int:
     return max(least, min(most, triton.next_power_of_2(max(size, 1))))
 
 
-__all__ = ["accumulator", "block", "dot_precision", "interpreted", "kernel_unavailable_reason"]
+@triton.jit
+def _dot_probe_kernel(a, b, out, N: tl.constexpr):
+    rows, cols = tl.arange(0, N)[:, None], tl.arange(0, N)[None, :]
+    product = tl.dot(tl.load(a + rows * N + cols), tl.load(b + rows * N + cols))
+    tl.store(out + rows * N + cols, product)
+
+
+@functools.cache
+def _float64_dot_runs(device: torch.device) -> bool:
+    a = torch.randn(16, 16, dtype=torch.float64, device=device)
+    b = torch.randn(16, 16, dtype=torch.float64, device=device)
+    out = torch.empty_like(a)
+    try:
+        _dot_probe_kernel[(1,)](a, b, out, N=16)
+    except Exception:  # a compiler error means: not supported by this Triton build here
+        return False
+    return bool(torch.allclose(out, a @ b, rtol=1e-12, atol=1e-12))
+
+
+def check_dtype(backend: str, tensor: torch.Tensor) -> None:
+    """Raise TypeError where the kernels cannot run ``tensor``'s dtype: float64 on a GPU whose
+    Triton build does not compile float64 ``tl.dot`` (probed once per device)."""
+    cuda_float64 = tensor.dtype == torch.float64 and tensor.device.type == "cuda"
+    if cuda_float64 and not _float64_dot_runs(tensor.device):
+        raise TypeError(
+            f"backend {backend!r}: float64 needs tl.dot in float64, which this Triton build "
+            "does not run on this GPU; use float32/bfloat16, or backend 'fused' for float64"
+        )
+
+
+__all__ = [
+    "accumulator",
+    "block",
+    "check_dtype",
+    "dot_precision",
+    "interpreted",
+    "kernel_unavailable_reason",
+]
