@@ -6,9 +6,9 @@ launching. :func:`graphed` wraps a backend's ``run``: on CUDA tensors, the first
 configuration (shapes, dtypes, which tensors need gradients, grad mode, the parameters' storage)
 is captured with ``torch.cuda.make_graphed_callables`` (forward and backward graphs) or, without
 gradients, ``torch.cuda.graph``; later calls replay it. Outputs are copied out of the graph's
-static buffers, so results stay valid across calls. A graph holds the activations of one call
-until its backward, so while that backward is pending a further call with gradients runs with
-plain launches. Where capture fails, the reason is logged once (logger ``mogrifier_fast``) and
+static buffers, and gradients out of its gradient buffers, so results stay valid across calls.
+A graph holds the activations of one call until its backward, so while that backward is
+pending a further call with gradients runs with plain launches. Where capture fails, the reason is logged once (logger ``mogrifier_fast``) and
 that configuration runs with plain launches. ``MOGRIFIER_CUDA_GRAPHS=0`` turns graphs off.
 """
 
@@ -88,6 +88,20 @@ class _ReleaseOnBackward(torch.autograd.Function):
         return None, *grads
 
 
+class _CopyGradients(torch.autograd.Function):
+    """Identity on the graph's inputs (views, so the graph sees the same storage) whose backward
+    copies the gradients out of the graph's static buffers: autograd may otherwise keep such a
+    buffer as a leaf's ``.grad``, which the next replay would overwrite."""
+
+    @staticmethod
+    def forward(ctx, *inputs: Tensor):
+        return tuple(t.view_as(t) for t in inputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        return tuple(None if g is None else g.clone() for g in grads)
+
+
 class _Graph:
     """One captured configuration: a replay function and, with gradients, a pending flag."""
 
@@ -120,7 +134,9 @@ class _Graph:
             self.graph.replay()
             return tuple(o.clone() for o in self.static_outputs)
         self.pending["busy"] = True
-        outputs = _ReleaseOnBackward.apply(self.pending, *self.replay(*inputs))
+        outputs = _ReleaseOnBackward.apply(
+            self.pending, *self.replay(*_CopyGradients.apply(*inputs))
+        )
         # An output dropped without a backward frees the activations too.
         weakref.finalize(outputs[0], self.pending.__setitem__, "busy", False)
         return outputs
