@@ -180,3 +180,73 @@ def test_persistent_falls_back_to_step_by_step_once(monkeypatch, caplog) -> None
         check_against_oracle("persistent", case, torch.float64)
     fallbacks = [r for r in caplog.records if "runs step by step" in r.getMessage()]
     assert len(fallbacks) == 1 and "MAX_WEIGHT_BYTES" in fallbacks[0].getMessage()
+
+
+def fake_make_graphed_callables(function, sample):
+    """``torch.cuda.make_graphed_callables``'s contract on CPU: static input, output and
+    gradient buffers, one set of saved activations (a replay overwrites the last one's)."""
+    static_outputs = [o.detach().clone() for o in function(*sample)]
+    static_grads = [torch.zeros_like(t) if t.requires_grad else None for t in sample]
+    last = {}
+
+    class Graphed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            for static, given in zip(sample, inputs, strict=True):
+                if static.data_ptr() != given.data_ptr():
+                    static.detach().copy_(given)
+            with torch.enable_grad():
+                last["leaves"] = [s.detach().requires_grad_(s.requires_grad) for s in sample]
+                last["outputs"] = function(*last["leaves"])
+            for static, output in zip(static_outputs, last["outputs"], strict=True):
+                static.copy_(output.detach())
+            return tuple(o.detach() for o in static_outputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            wanted = [leaf for leaf in last["leaves"] if leaf.requires_grad]
+            found = iter(torch.autograd.grad(last["outputs"], wanted, grads, allow_unused=True))
+            for buffer in static_grads:
+                if buffer is not None:
+                    result = next(found)
+                    buffer.copy_(0 if result is None else result)
+            return tuple(None if b is None else b.detach() for b in static_grads)
+
+    return lambda *inputs: Graphed.apply(*inputs)
+
+
+def test_graph_replay_contract_on_cpu(monkeypatch) -> None:
+    """The wrapper's own logic, with CUDA graphs emulated on CPU: outputs outlive the next
+    replay, a call made while a backward is pending runs plainly, gradients accumulate into
+    .grad without aliasing the graph's buffers."""
+    from mogrifier_fast.backends import cuda_graphs
+    from mogrifier_fast.reference import run_reference
+
+    monkeypatch.setattr(cuda_graphs, "_uses_graphs", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    run = graphed("emulated", run_reference)
+    layer = mf.MogrifierLSTM(3, 4, rounds=3, rank=2, dtype=torch.float64)
+    params = layer.layer_params(0)
+    h0 = c0 = torch.zeros(2, 4, dtype=torch.float64)
+    xs = [torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(2)]
+
+    def loss(run_fn):
+        first = run_fn(xs[0], h0, c0, params)[0]
+        kept = first.detach().clone()
+        second = run_fn(xs[1], h0, c0, params)[0]  # replays while the first backward is pending
+        assert torch.equal(first, kept)
+        return (first * 2).sum() + (second * 3).sum()
+
+    def one_call_loss(index: int):
+        return lambda run_fn: run_fn(xs[index], h0, c0, params)[0].sum()
+
+    def grads_after(run_fn, losses) -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        for make_loss in losses:
+            make_loss(run_fn).backward()
+        return [p.grad.clone() for p in layer.parameters()]
+
+    for losses in ([loss], [loss, loss], [one_call_loss(0), one_call_loss(1)]):
+        got, want = grads_after(run, losses), grads_after(run_reference, losses)
+        for a, b in zip(got, want, strict=True):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

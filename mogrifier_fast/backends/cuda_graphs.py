@@ -39,6 +39,15 @@ def graphs_enabled() -> bool:
     return os.environ.get("MOGRIFIER_CUDA_GRAPHS", "1") != "0"
 
 
+def _uses_graphs(x: Tensor) -> bool:
+    """Whether a call on ``x`` is captured/replayed: CUDA, graphs on, not inside a capture."""
+    return (
+        x.device.type == "cuda"
+        and graphs_enabled()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
 def _log_once(message: str) -> None:
     if message not in _logged:
         _logged.add(message)
@@ -150,11 +159,7 @@ def graphed(name: str, run: RunFn) -> RunFn:
     def run_graphed(
         x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if (
-            x.device.type != "cuda"
-            or not graphs_enabled()
-            or torch.cuda.is_current_stream_capturing()
-        ):
+        if not _uses_graphs(x):
             return run(x, h0, c0, params)
         flat, rebuild = _flatten(params)
         inputs = [x, h0, c0, *flat]
