@@ -5,8 +5,12 @@ hidden size is chosen so that its parameter count matches the Mogrifier's as clo
 possible. Every evaluation of every run becomes a row of
 ``benchmarks/results/replication-<dataset>.csv``.
 
-    python benchmarks/replicate.py --seeds 0                        # what the README reports
+    python benchmarks/replicate.py --seeds 0,1          # what the README reports (about 2.5 hours)
     python benchmarks/replicate.py --datasets ptb-char --steps 50 --eval-every 25   # a quick look
+    python benchmarks/replicate.py --seeds 0,1 --collect-only   # rebuild the CSVs from runs/
+
+A run directory that exists is resumed (and extended if --steps grew); the final test uses the
+best validation checkpoint on the whole test split.
 """
 
 from __future__ import annotations
@@ -74,6 +78,11 @@ def main() -> None:
         "--eval-every", type=int, help="steps between evaluations (default: the dataset's)"
     )
     parser.add_argument(
+        "--collect-only",
+        action="store_true",
+        help="rebuild the CSVs from the run directories without training",
+    )
+    parser.add_argument(
         "--runs",
         type=Path,
         default=ROOT / "runs" / "replication",
@@ -102,7 +111,8 @@ def main() -> None:
                 if (out / "config.json").exists():
                     command.append("--resume")
                 print(f"{dataset} {model} seed {seed}: {count:,} parameters", flush=True)
-                subprocess.run(command, check=True)
+                if not args.collect_only:
+                    subprocess.run(command, check=True)
                 config = json.loads((out / "config.json").read_text())
                 with open(out / "metrics.csv", newline="") as file:
                     evaluations = list(csv.DictReader(file))
