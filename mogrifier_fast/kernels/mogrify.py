@@ -110,18 +110,21 @@ def _round_forward(
 
 
 @triton.jit
-def _rounds_forward(
+def _mogrify_forward_kernel(
     xs, hs, sig_x, sig_h, inner, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
     xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
     maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-    rows, pid_n, n_programs,
     X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
     LAST: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Rounds FIRST..LAST (1-based) of one step for ``rows``, this program's share of the
-    columns; the ``*_stride`` arguments step between rounds. A barrier follows each round."""
+    """Rounds FIRST..LAST (1-based) of one step: a block of rows per program along axis 0, the
+    columns split across programs along axis 1 (the persistent kernel calls this with a 1-D
+    grid: every column); the ``*_stride`` arguments step between rounds. A barrier follows each
+    round."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    pid_n, n_programs = tl.program_id(1), tl.num_programs(1)
     for j in tl.static_range(FIRST, LAST + 1):
         if j % 2 == 1:
             m = (j - 1) // 2
@@ -142,28 +145,6 @@ def _rounds_forward(
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         tl.debug_barrier()
-
-
-@triton.jit
-def _mogrify_forward_kernel(
-    xs, hs, sig_x, sig_h, inner, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
-    xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
-    maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-    X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
-    LAST: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Rounds FIRST..LAST of one step: a block of rows per program along axis 0, the columns
-    split across programs along axis 1."""
-    _rounds_forward(
-        xs, hs, sig_x, sig_h, inner, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
-        xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
-        maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-        tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B), tl.program_id(1), tl.num_programs(1),
-        X_SIZE, H_SIZE, RANK, FIRST, LAST, HAS_BIAS, ACC, BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R,
-        PRECISION,
-    )  # fmt: skip
 
 
 @triton.jit
@@ -248,19 +229,20 @@ def _round_backward(
 
 
 @triton.jit
-def _rounds_backward(
+def _mogrify_backward_kernel(
     xs, hs, sig_x, sig_h, grad_xs, grad_hs, dz_x, dz_h, dinner,
     maps_x, maps_h, factors_x, factors_h,
     xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride, grad_hs_stride,
     dz_x_stride, dz_h_stride, dinner_stride,
     maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-    rows, pid_n, n_programs,
     X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
     LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Rounds LAST down to FIRST of one step's backward, on the state gradients in place, for
-    ``rows`` and this program's share of the columns. A barrier follows each round."""
+    """Rounds LAST down to FIRST of one step's backward, on the state gradients in place (grid as
+    the forward's). A barrier follows each round."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    pid_n, n_programs = tl.program_id(1), tl.num_programs(1)
     for back in tl.static_range(0, LAST - FIRST + 1):
         j = LAST - back
         if j % 2 == 1:
@@ -284,29 +266,6 @@ def _rounds_backward(
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         tl.debug_barrier()
-
-
-@triton.jit
-def _mogrify_backward_kernel(
-    xs, hs, sig_x, sig_h, grad_xs, grad_hs, dz_x, dz_h, dinner,
-    maps_x, maps_h, factors_x, factors_h,
-    xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride, grad_hs_stride,
-    dz_x_stride, dz_h_stride, dinner_stride,
-    maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-    X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, FIRST: tl.constexpr,
-    LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Rounds LAST down to FIRST of one step's backward (grid as the forward's)."""
-    _rounds_backward(
-        xs, hs, sig_x, sig_h, grad_xs, grad_hs, dz_x, dz_h, dinner,
-        maps_x, maps_h, factors_x, factors_h,
-        xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride, grad_hs_stride,
-        dz_x_stride, dz_h_stride, dinner_stride,
-        maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-        tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B), tl.program_id(1), tl.num_programs(1),
-        X_SIZE, H_SIZE, RANK, FIRST, LAST, ACC, BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
-    )  # fmt: skip
 
 
 class StackedMaps(NamedTuple):

@@ -1,7 +1,7 @@
 """The whole recurrence in one Triton launch per direction of the chain: forward and backward.
 
 One program owns a block of batch rows for all T steps (grid: one program per block). Per step
-it runs every mogrifier round (:func:`~mogrifier_fast.kernels.mogrify._rounds_forward`), the gate
+it runs every mogrifier round (:func:`~mogrifier_fast.kernels.mogrify._mogrify_forward_kernel`), the gate
 product with the LSTM pointwise step fused into its epilogue (four gate accumulators per column
 tile), and writes h', c', the gates and the states kept for the backward; a barrier separates
 dependent phases. The backward launch walks the steps in reverse the same way: pointwise
@@ -32,9 +32,9 @@ from mogrifier_fast.kernels.mogrify import (
     StackedMaps,
     _blocks,
     _load_tile,
+    _mogrify_backward_kernel,
+    _mogrify_forward_kernel,
     _or,
-    _rounds_backward,
-    _rounds_forward,
     _stride,
 )
 
@@ -148,16 +148,15 @@ def _persistent_forward_kernel(
 ):  # fmt: skip
     """All T steps for one block of rows. xs[0] holds the inputs and hs[0, 0] h0 on entry."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    pid_n = tl.program_id(0) * 0  # one program walks every column (a tensor, as program ids are)
     x_step, h_step = n_rows * X_SIZE, n_rows * H_SIZE
     for t in range(steps):
         if ROUNDS > 0:
-            _rounds_forward(
+            _mogrify_forward_kernel(
                 xs + t * x_step, hs + t * h_step, sig_x + t * x_step, sig_h + t * h_step,
                 inner + t * n_rows * RANK, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
                 xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
                 maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-                rows, pid_n, 1, X_SIZE, H_SIZE, RANK, 1, ROUNDS, HAS_BIAS, ACC,
+                X_SIZE, H_SIZE, RANK, 1, ROUNDS, HAS_BIAS, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         copy_rows = tl.where(t + 1 < steps, n_rows, 0)
@@ -185,7 +184,6 @@ def _persistent_backward_kernel(
     holds the gradient of h_T and grad_cell that of c_T; on exit grad_hs[0] and grad_cell hold
     those of h0 and c0. grad_xs (nx+1, B, I) and grad_hs (nh+1, B, H) are per-step scratch."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    pid_n = tl.program_id(0) * 0  # one program walks every column (a tensor, as program ids are)
     x_step, h_step = n_rows * X_SIZE, n_rows * H_SIZE
     for back in range(steps):
         t = steps - 1 - back
@@ -206,14 +204,14 @@ def _persistent_backward_kernel(
         )  # fmt: skip
         tl.debug_barrier()
         if ROUNDS > 0:
-            _rounds_backward(
+            _mogrify_backward_kernel(
                 xs + t * x_step, hs + t * h_step, sig_x + t * x_step, sig_h + t * h_step,
                 grad_xs, grad_hs, dz_x + t * x_step, dz_h + t * h_step,
                 dinner + t * n_rows * RANK, maps_x, maps_h, factors_x, factors_h,
                 xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride,
                 grad_hs_stride, dz_x_stride, dz_h_stride, dinner_stride,
                 maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
-                rows, pid_n, 1, X_SIZE, H_SIZE, RANK, 1, ROUNDS, ACC,
+                X_SIZE, H_SIZE, RANK, 1, ROUNDS, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
         for k0 in range(0, X_SIZE, BLOCK_K):
