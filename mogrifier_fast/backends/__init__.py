@@ -56,6 +56,11 @@ def quiet_torchscript_deprecation() -> Iterator[None]:
         yield
 
 
+def needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether autograd will differentiate through a call on ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def refuse_double_backward(name: str) -> None:
     """Called first in a hand-written backward: raise if it is being differentiated itself."""
     if torch.is_grad_enabled():

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from mogrifier_fast.backends import needs_backward
 from mogrifier_fast.mogrify import LayerParams, RoundMap
 
 RunFn = Callable[[Tensor, Tensor, Tensor, LayerParams], tuple[Tensor, Tensor, Tensor]]
@@ -163,7 +164,7 @@ def graphed(name: str, run: RunFn) -> RunFn:
             return run(x, h0, c0, params)
         flat, rebuild = _flatten(params)
         inputs = [x, h0, c0, *flat]
-        train = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        train = needs_backward(*inputs)
         key = (
             train,
             torch.is_autocast_enabled(),

@@ -40,22 +40,18 @@ class _MogrifyStep(torch.autograd.Function):
         buffers.xs[0, 0].copy_(x)
         buffers.hs[0, 0].copy_(h)
         mogrify_forward(maps, buffers, 0)
-        ctx.present = [t is not None for t in map_tensors]
-        ctx.save_for_backward(*buffers, *(t for t in map_tensors if t is not None))
+        ctx.present, present_maps = maps.saved()
+        ctx.save_for_backward(*buffers, *present_maps)
         return buffers.xs[-1, 0].clone(), buffers.hs[-1, 0].clone()
 
     @staticmethod
     def backward(ctx, grad_x: Tensor, grad_h: Tensor):
         refuse_double_backward("cudnn")
         buffers = MogrifyBuffers(*ctx.saved_tensors[:5])
-        found = iter(ctx.saved_tensors[5:])
-        maps = StackedMaps(*(next(found) if p else None for p in ctx.present))
-        grad_xs = buffers.xs.new_empty(buffers.xs[:, 0].shape)
-        grad_hs = buffers.hs.new_empty(buffers.hs[:, 0].shape)
+        maps = StackedMaps.restore(ctx.present, ctx.saved_tensors[5:])
+        grad_xs, grad_hs, dz_x, dz_h, dinner = buffers.gradient_buffers()
         grad_xs[-1].copy_(grad_x)
         grad_hs[-1].copy_(grad_h)
-        dz_x, dz_h = torch.empty_like(buffers.sig_x), torch.empty_like(buffers.sig_h)
-        dinner = torch.empty_like(buffers.inner)
         mogrify_backward(maps, buffers, 0, grad_xs, grad_hs, dz_x, dz_h, dinner)
         return grad_xs[0], grad_hs[0], *stacked_map_grads(maps, buffers, dz_x, dz_h, dinner)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mogrifier_fast.backends import Backend, refuse_double_backward
+from mogrifier_fast.backends import Backend, needs_backward, refuse_double_backward
 from mogrifier_fast.mogrify import LayerParams
 
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
@@ -541,9 +541,7 @@ def run_fused(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
     structure, flat = _split(params)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, *flat)
-    ):
+    if needs_backward(x, h0, c0, *flat):
         return _FusedSequence.apply(structure, x, h0, c0, *flat)
     with torch.no_grad():
         output, c_last, _ = _forward(structure, x, h0, c0, tuple(flat), keep=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mogrifier_fast.backends import Backend, refuse_double_backward
+from mogrifier_fast.backends import Backend, needs_backward, refuse_double_backward
 from mogrifier_fast.backends.cuda_graphs import graphed
 from mogrifier_fast.kernels import check_dtype, kernel_unavailable_reason
 from mogrifier_fast.kernels.lstm import _lstm_forward_kernel, lstm_backward, lstm_forward
@@ -71,10 +71,8 @@ class _TritonSequence(torch.autograd.Function):
         maps = StackedMaps(*map_tensors)
         output, cells, gates, buffers = _forward(x, h0, c0, w_ih, w_hh, bias, maps, persistent)
         ctx.persistent, ctx.has_bias = persistent, bias is not None
-        ctx.present = [t is not None for t in map_tensors]
-        ctx.save_for_backward(
-            w_ih, w_hh, cells, gates, *buffers, *(t for t in map_tensors if t is not None)
-        )
+        ctx.present, present_maps = maps.saved()
+        ctx.save_for_backward(w_ih, w_hh, cells, gates, *buffers, *present_maps)
         return output, output[-1].clone(), cells[-1].clone()
 
     @staticmethod
@@ -83,34 +81,32 @@ class _TritonSequence(torch.autograd.Function):
         refuse_double_backward(name)
         w_ih, w_hh, cells, gates, *rest = ctx.saved_tensors
         buffers = MogrifyBuffers(*rest[:5])
-        found = iter(rest[5:])
-        maps = StackedMaps(*(next(found) if p else None for p in ctx.present))
+        maps = StackedMaps.restore(ctx.present, rest[5:])
         steps, rows, big_h = cells.shape[0] - 1, cells.shape[1], cells.shape[2]
         xs, hs = buffers.xs, buffers.hs
         grad_output = grad_output.contiguous()
         grad_gates = gates.new_empty(gates.shape)
         # Per-step state gradients; grad_hs[0] carries dh into the step before.
-        grad_xs, grad_hs = xs.new_empty(xs[:, 0].shape), hs.new_empty(hs[:, 0].shape)
+        grad_xs, grad_hs, dz_x, dz_h, dinner = buffers.gradient_buffers()
         grad_hs[0].copy_(grad_h)
         grad_cell = grad_c.clone()
-        dz_x, dz_h = torch.empty_like(buffers.sig_x), torch.empty_like(buffers.sig_h)
-        dinner = torch.empty_like(buffers.inner)
         grad_x = xs.new_empty(xs.shape[1:])
         if ctx.persistent:
             persistent_backward(
                 maps, buffers, w_ih, w_hh, gates, cells, grad_output, grad_xs, grad_hs,
                 grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x,
             )  # fmt: skip
-        for t in range(steps - 1, -1, -1) if not ctx.persistent else ():
-            lstm_backward(
-                gates[t], cells[t], cells[t + 1], grad_output[t], grad_hs[0], grad_cell,
-                grad_gates[t],
-            )  # fmt: skip
-            torch.mm(grad_gates[t], w_ih, out=grad_xs[-1])
-            torch.mm(grad_gates[t], w_hh, out=grad_hs[-1])
-            if maps.rounds:
-                mogrify_backward(maps, buffers, t, grad_xs, grad_hs, dz_x, dz_h, dinner)
-            grad_x[t].copy_(grad_xs[0])
+        else:
+            for t in range(steps - 1, -1, -1):
+                lstm_backward(
+                    gates[t], cells[t], cells[t + 1], grad_output[t], grad_hs[0], grad_cell,
+                    grad_gates[t],
+                )  # fmt: skip
+                torch.mm(grad_gates[t], w_ih, out=grad_xs[-1])
+                torch.mm(grad_gates[t], w_hh, out=grad_hs[-1])
+                if maps.rounds:
+                    mogrify_backward(maps, buffers, t, grad_xs, grad_hs, dz_x, dz_h, dinner)
+                grad_x[t].copy_(grad_xs[0])
 
         # Weight gradients: one product each over all T·B rows.
         gate_rows = grad_gates.view(steps * rows, 4 * big_h)
@@ -129,7 +125,7 @@ def run_sequence(
     maps = StackedMaps.from_params(params)
     bias = None if params.b_ih is None else params.b_ih + params.b_hh
     args = (x.contiguous(), h0.contiguous(), c0.contiguous(), params.w_ih, params.w_hh, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, *maps)):
+    if needs_backward(*args, *maps):
         return _TritonSequence.apply(persistent, *args, *maps)
     output, cells, _, _ = _forward(*args, maps, persistent)
     return output, output[-1].clone(), cells[-1].clone()

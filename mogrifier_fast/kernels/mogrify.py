@@ -298,6 +298,16 @@ class StackedMaps(NamedTuple):
             stack_bias(x_maps), stack_bias(h_maps),
         )  # fmt: skip
 
+    def saved(self) -> tuple[list[bool], list[Tensor]]:
+        """(which fields are present, the present tensors): for ``save_for_backward``."""
+        return [t is not None for t in self], [t for t in self if t is not None]
+
+    @classmethod
+    def restore(cls, present: list[bool], tensors: list[Tensor]) -> StackedMaps:
+        """The inverse of :meth:`saved`."""
+        found = iter(tensors)
+        return cls(*(next(found) if p else None for p in present))
+
     @property
     def rounds(self) -> int:
         return sum(0 if m is None else m.shape[0] for m in (self.maps_x, self.maps_h))
@@ -332,6 +342,14 @@ class MogrifyBuffers(NamedTuple):
             new(nx + 1, steps, rows, input_size), new(nh + 1, steps, rows, hidden_size),
             new(nx, steps, rows, input_size), new(nh, steps, rows, hidden_size),
             new(rounds if rank else 0, steps, rows, rank),
+        )  # fmt: skip
+
+    def gradient_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """What :func:`mogrify_backward` writes: per-step state gradients grad_xs (nx+1, B, I)
+        and grad_hs (nh+1, B, H), then dz_x, dz_h and dinner shaped as sig_x, sig_h, inner."""
+        return (
+            self.xs.new_empty(self.xs[:, 0].shape), self.hs.new_empty(self.hs[:, 0].shape),
+            torch.empty_like(self.sig_x), torch.empty_like(self.sig_h), torch.empty_like(self.inner),
         )  # fmt: skip
 
 
