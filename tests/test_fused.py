@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+
 import pytest
 import torch
 
 import mogrifier_fast as mf
-from mogrifier_fast.backends import fused, resolve
+from mogrifier_fast.backends import fused, fused_chain, resolve
 from tests.helpers import Case, random_cases
-from tests.test_backends import FEATURE_CASES, check_against_oracle
+from tests.test_backends import (
+    FEATURE_CASES,
+    check_against_oracle,
+    check_inference_against_oracle,
+)
 
 PATH_CASES = FEATURE_CASES + random_cases(6, seed=7)
 
@@ -19,6 +27,7 @@ def test_onednn_products(monkeypatch, case: Case, pack: bool) -> None:
     """Every per-step product through oneDNN (packed or not), as large shapes run."""
     if not fused.onednn_linear_available():
         pytest.skip("oneDNN's linear does not run on this machine")
+    monkeypatch.setattr(fused_chain, "usable", lambda x: False)  # the Python loops
     monkeypatch.setattr(fused, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(fused, "ONEDNN_PACK_MACS", 0 if pack else 1 << 62)
     check_against_oracle("fused", case, torch.float32)
@@ -29,6 +38,64 @@ def test_backward_in_many_chunks(monkeypatch, case: Case) -> None:
     """The backward prepares its factors chunk by chunk; one step per chunk must agree too."""
     monkeypatch.setattr(fused, "CHUNK_BYTES", 1)
     check_against_oracle("fused", case, torch.float64)
+
+
+@pytest.mark.parametrize("case", PATH_CASES, ids=lambda c: c.name)
+def test_python_loops_in_float32(monkeypatch, case: Case) -> None:
+    """Where the C++ loops cannot be built, float32 runs the Python loops (plain addmm here)."""
+    monkeypatch.setattr(fused_chain, "usable", lambda x: False)
+    check_against_oracle("fused", case, torch.float32)
+    check_inference_against_oracle("fused", case, torch.float32)
+
+
+def test_cpp_loops_are_built_where_a_compiler_is() -> None:
+    """On a machine with a C++ compiler, float32 on CPU runs the C++ loops (so the float32
+    checks of test_backends.py test them); the build failing there is a defect."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler here: 'fused' runs its Python loops")
+    assert fused_chain.unavailable_reason() is None
+    assert fused_chain.usable(torch.zeros(1))
+    assert not fused_chain.usable(torch.zeros(1, dtype=torch.float64))
+
+
+NATIVE_CASES = [
+    *PATH_CASES,
+    # Rows past the 8-row tile with a tail, widths past one and two panels with tails, a low
+    # rank past one panel, and a batch of one.
+    Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19),
+    Case({"input_size": 33, "hidden_size": 16, "rounds": 4}, steps=3, batch=8),
+    Case({"input_size": 64, "hidden_size": 48, "rounds": 1}, steps=5, batch=1),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: c.name)
+def test_cpp_loops_on_any_number_of_threads(monkeypatch, case: Case, threads: int) -> None:
+    """Every product's columns split over a team (some threads get none: barriers still meet);
+    training and the no_grad path that keeps one block of buffers."""
+    if not fused_chain.usable(torch.zeros(1)):
+        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+    monkeypatch.setattr(fused_chain, "threads_for", lambda macs: threads)
+    check_against_oracle("fused", case, torch.float32)
+    check_inference_against_oracle("fused", case, torch.float32)
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(fused_chain, "SOURCE", fused_chain.SOURCE.with_name("missing.cpp"))
+    fused_chain.unavailable_reason.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mogrifier_fast"):
+            reason = fused_chain.unavailable_reason()
+            assert fused_chain.unavailable_reason() == reason  # decided once
+        assert reason is not None and "could not build missing.cpp" in reason
+        assert not fused_chain.usable(torch.zeros(1))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"backend 'fused' runs its Python loops: {reason}"
+        ]
+        check_against_oracle("fused", PATH_CASES[1], torch.float32)
+    finally:
+        fused_chain.unavailable_reason.cache_clear()
 
 
 def test_auto_is_fused_on_cpu() -> None:

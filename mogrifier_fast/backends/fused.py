@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mogrifier_fast.backends import Backend, needs_backward, refuse_double_backward
+from mogrifier_fast.backends import Backend, fused_chain, needs_backward, refuse_double_backward
 from mogrifier_fast.mogrify import LayerParams
 
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
@@ -180,7 +180,8 @@ def _unflatten(
 class _Round:
     """Round j's map: z = u_{j-1} (c·W)^T + b with c = 2^{d_{j-1}}, dense or low rank (W = A B,
     run as two thin products through an inner (B, k) value kept per step for the weight
-    gradients). Prepared for the forward products, or for the backward ones."""
+    gradients). ``scaled`` holds (c·W,) or (A, c·B); ``linears`` the products prepared for the
+    forward, or for the backward, on first use (the C++ loops take ``scaled`` instead)."""
 
     def __init__(
         self,
@@ -190,21 +191,25 @@ class _Round:
         rows: int,
         backward: bool,
     ) -> None:
-        self.scale = scale
+        self.scale, self.bias, self.rows, self.for_backward = scale, bias, rows, backward
         self.low_rank = len(factors) == 2
-        scaled = (*factors[:-1], factors[-1] * scale)  # the scale acts on the map's input
-        if backward:  # dz -> dz (c·W), or dz A then (dz A)(c·B)
-            self.linears = [_Linear(f.t(), None, rows) for f in scaled]
-        elif self.low_rank:
-            self.linears = [_Linear(scaled[1], None, rows), _Linear(scaled[0], bias, rows)]
-        else:
-            self.linears = [_Linear(scaled[0], bias, rows)]
+        self.scaled = (*factors[:-1], factors[-1] * scale)  # the scale acts on the map's input
 
-    def forward(self, u: Tensor, inner: Tensor | None) -> Tensor:
-        """σ(z) (B, out) for the map input u (B, in); a low-rank map's inner value into ``inner``."""
+    @functools.cached_property
+    def linears(self) -> list[_Linear]:
+        scaled, rows = self.scaled, self.rows
+        if self.for_backward:  # dz -> dz (c·W), or dz A then (dz A)(c·B)
+            return [_Linear(f.t(), None, rows) for f in scaled]
         if self.low_rank:
-            return self.linears[1](self.linears[0](u, inner), sigmoid=True)
-        return self.linears[0](u, sigmoid=True)
+            return [_Linear(scaled[1], None, rows), _Linear(scaled[0], self.bias, rows)]
+        return [_Linear(scaled[0], self.bias, rows)]
+
+    def forward(self, u: Tensor, inner: Tensor | None, out: Tensor) -> Tensor:
+        """σ(z) (B, out) for the map input u (B, in), into ``out``; a low-rank map's inner
+        value into ``inner``."""
+        if self.low_rank:
+            return self.linears[1](self.linears[0](u, inner), out=out, sigmoid=True)
+        return self.linears[0](u, out=out, sigmoid=True)
 
     def backward(self, dz: Tensor, du: Tensor, inner_grad: Tensor | None) -> Tensor:
         """du + dz (c·W): the gradient of the map's input with this round's part added."""
@@ -235,20 +240,30 @@ class _Weights:
         x_final, h_final = s.final_states()
         self.column_scales = (2.0 ** s.doublings(x_final), 2.0 ** s.doublings(h_final))
         self.g_rows = slice(2 * big_h, 3 * big_h)
-        gate_weight = torch.cat([w_ih * self.column_scales[0], w_hh * self.column_scales[1]], dim=1)
-        gate_weight[self.g_rows] *= 2
-        if backward:
-            self.gates = _Linear(gate_weight.t(), None, rows)
-        else:
-            gate_bias = None
-            if s.lstm_bias:
-                gate_bias = b_ih + b_hh
-                gate_bias[self.g_rows] *= 2
-            self.gates = _Linear(gate_weight, gate_bias, rows)
+        self.rows, self.for_backward = rows, backward
+        self.gate_weight = torch.cat(
+            [w_ih * self.column_scales[0], w_hh * self.column_scales[1]], dim=1
+        )
+        self.gate_weight[self.g_rows] *= 2
+        self.gate_bias = None
+        if s.lstm_bias and not backward:
+            self.gate_bias = b_ih + b_hh
+            self.gate_bias[self.g_rows] *= 2
         self.rounds = [
             _Round(*maps[m], 2.0 ** s.doublings(j - 1), rows, backward)
             for j, m in enumerate(s.map_of_round, start=1)
         ]
+
+    @functools.cached_property
+    def gates(self) -> _Linear:
+        """The gate product [x, h] -> pre-activations, or its backward d_pre -> d[x, h]."""
+        if self.for_backward:
+            return _Linear(self.gate_weight.t(), None, self.rows)
+        return _Linear(self.gate_weight, self.gate_bias, self.rows)
+
+    def native_args(self) -> tuple[list[Tensor], list[int]]:
+        """The rounds' scaled factors as one list, and how many belong to each round."""
+        return [f for r in self.rounds for f in r.scaled], [len(r.scaled) for r in self.rounds]
 
 
 def _ranks(structure: _Structure, flat: tuple) -> list[int | None]:
@@ -261,45 +276,55 @@ def _ranks(structure: _Structure, flat: tuple) -> list[int | None]:
 
 @dataclass
 class _Saved:
-    """What the forward keeps for the backward.
+    """What the forward keeps for the backward, each over time as a (T, B, ·) buffer (under
+    no_grad one block serves every step, and cells2 has two blocks used in turn).
 
-    Over time as (T, B, ·) buffers, for the weight-gradient products: states[s], the states
-    u_s, s in 1..r-2, that are not gate inputs; inners[j-1], a low-rank round's u_{j-1} (c·B)^T
-    (else None); xh, the gate input [x, h]. Per step, as lists of T tensors (B, ·): sig[j-1],
-    σ(z_j); activations [σ(i), σ(f), σ(2g), σ(o)]; tanh_g2 = 2 tanh(g); tanh_c; and cells2,
-    2·c_0 .. 2·c_T (T+1 tensors): the cell is carried doubled, so tanh(c) = 2σ(2c) − 1 costs
+    states[s], the states u_s, s in 1..r-2, that are not gate inputs; inners[j-1], a low-rank
+    round's u_{j-1} (c·B)^T (else None); xh, the gate input [x, h]; sig[j-1], σ(z_j);
+    activations, [σ(i), σ(f), σ(2g), σ(o)] (T, B, 4H); tanh_g2 = 2 tanh(g); tanh_c; and cells2,
+    2·c_0 .. 2·c_T (T + 1 blocks): the cell is carried doubled, so tanh(c) = 2σ(2c) − 1 costs
     one sigmoid, much cheaper than tanh on CPU."""
 
     states: dict[int, Tensor]
     inners: list[Tensor | None]
     xh: Tensor
-    sig: list[list[Tensor]]
-    activations: list[Tensor]
-    tanh_g2: list[Tensor]
-    tanh_c: list[Tensor]
-    cells2: list[Tensor]
+    sig: list[Tensor]
+    activations: Tensor
+    tanh_g2: Tensor
+    tanh_c: Tensor
+    cells2: Tensor
+
+    @classmethod
+    def empty(cls, s: _Structure, ranks: list[int | None], x: Tensor, keep: bool) -> _Saved:
+        """Buffers for a call on x (T, B, I); T steps kept, or one block for all."""
+        kept, rows, big_h = x.shape[0] if keep else 1, x.shape[1], s.hidden_size
+        new = x.new_empty
+        return cls(
+            states={k: new(kept, rows, s.size(k)) for k in range(1, s.rounds - 1)},
+            inners=[None if k is None else new(kept, rows, k) for k in ranks],
+            xh=new(kept, rows, s.input_size + big_h),
+            sig=[new(kept, rows, s.size(j)) for j in range(1, s.rounds + 1)],
+            activations=new(kept, rows, 4 * big_h),
+            tanh_g2=new(kept, rows, big_h),
+            tanh_c=new(kept, rows, big_h),
+            cells2=new(kept + 1, rows, big_h),
+        )
 
     def tensors(self) -> list[Tensor]:
         inners = [t for t in self.inners if t is not None]
-        per_step = (
-            [t for sig in self.sig for t in sig] + self.activations + self.tanh_g2 + self.tanh_c
-        )
-        return [*self.states.values(), *inners, self.xh, *per_step, *self.cells2]
+        per_step = [*self.sig, self.activations, self.tanh_g2, self.tanh_c, self.cells2]
+        return [*self.states.values(), *inners, self.xh, *per_step]
 
     @classmethod
     def from_tensors(
-        cls, s: _Structure, ranks: list[int | None], steps: int, tensors: tuple[Tensor, ...]
+        cls, s: _Structure, ranks: list[int | None], tensors: tuple[Tensor, ...]
     ) -> _Saved:
         found = iter(tensors)
-
-        def take(count: int) -> list[Tensor]:
-            return [next(found) for _ in range(count)]
-
         states = {k: next(found) for k in range(1, s.rounds - 1)}
         inners = [None if k is None else next(found) for k in ranks]
         xh = next(found)
-        sig = [take(steps) for _ in range(s.rounds)]
-        return cls(states, inners, xh, sig, take(steps), take(steps), take(steps), take(steps + 1))
+        sig = [next(found) for _ in range(s.rounds)]
+        return cls(states, inners, xh, sig, *found)
 
     def state_over_time(
         self, s: _Structure, state: int, x: Tensor, h_prev: Tensor | None
@@ -322,86 +347,98 @@ def _forward(
     Without ``keep`` (inference) nothing is kept for a backward: each step reuses one set of
     state buffers, so memory does not grow with T beyond the output."""
     s, steps, rows, r = structure, x.shape[0], x.shape[1], structure.rounds
+    big_i, big_h = s.input_size, s.hidden_size
     weights = _Weights(s, flat, rows)
-    new = x.new_empty
-    kept = steps if keep else 1
-    saved = _Saved(
-        states={k: new(kept, rows, s.size(k)) for k in range(1, r - 1)},
-        inners=[None if k is None else new(kept, rows, k) for k in _ranks(s, flat)],
-        xh=new(kept, rows, s.input_size + s.hidden_size),
-        sig=[[] for _ in range(r)],
-        activations=[],
-        tanh_g2=[],
-        tanh_c=[],
-        cells2=[c0 * 2],
-    )
+    saved = _Saved.empty(s, _ranks(s, flat), x, keep)
+    output = x.new_empty(steps, rows, big_h)
+    if fused_chain.usable(x):
+        c_last = x.new_empty(rows, big_h)
+        torch.ops.mogrifier_fast.chain_forward(
+            x,
+            h0,
+            c0,
+            *weights.native_args(),
+            [round_.bias for round_ in weights.rounds],
+            weights.gate_weight,
+            weights.gate_bias,
+            output,
+            c_last,
+            saved.xh,
+            list(saved.states.values()),
+            saved.inners,
+            saved.sig,
+            saved.activations,
+            saved.tanh_g2,
+            saved.tanh_c,
+            saved.cells2,
+            keep,
+            fused_chain.threads_for(rows * (big_i + big_h) * 4 * big_h),
+        )
+        return output, c_last, saved
 
     def per_step(buffer: Tensor) -> list[Tensor]:
         """A buffer's view for each step: its own row block, or the one shared block."""
         return list(buffer.unbind(0)) if keep else [buffer[0]] * steps
 
-    output = new(steps, rows, s.hidden_size)
     out = output.unbind(0)
     x_final, h_final = s.final_states()
-    x_half, h_half = (
-        per_step(saved.xh[..., : s.input_size]),
-        per_step(saved.xh[..., s.input_size :]),
-    )
+    x_half, h_half = per_step(saved.xh[..., :big_i]), per_step(saved.xh[..., big_i:])
     if h_final == 0:
         h_half[0].copy_(h0)
     state = {k: per_step(saved.state_over_time(s, k, x, None)) for k in range(1, r + 1)}
     state[-1] = list(x.unbind(0))  # with no rounds, copied into the gate input each step
     state[0] = [h0, *out[:-1]]
-    inners = [None if t is None else per_step(t) for t in saved.inners]
-    xh = per_step(saved.xh)
-    mul, sigmoid, gates = torch.mul, torch.sigmoid, weights.gates
-    rounds = [(j, weights.rounds[j - 1], saved.sig[j - 1], inners[j - 1]) for j in range(1, r + 1)]
-    cell2 = saved.cells2[0]
+    rounds = [
+        (
+            j,
+            weights.rounds[j - 1],
+            per_step(saved.sig[j - 1]),
+            None if saved.inners[j - 1] is None else per_step(saved.inners[j - 1]),
+        )
+        for j in range(1, r + 1)
+    ]
+    xh, act_steps = per_step(saved.xh), per_step(saved.activations)
+    g2_steps, tc_steps = per_step(saved.tanh_g2), per_step(saved.tanh_c)
+    cells = saved.cells2.unbind(0)
+    cells[0].copy_(c0).mul_(2)
+    mul, gates = torch.mul, weights.gates
     for t in range(steps):
         if x_final == -1:
             x_half[t].copy_(state[-1][t])
         for j, round_, sig_j, inner in rounds:
-            sig = round_.forward(state[j - 1][t], None if inner is None else inner[t])
+            sig = round_.forward(state[j - 1][t], None if inner is None else inner[t], sig_j[t])
             mul(sig, state[j - 2][t], out=state[j][t])
-            if keep:
-                sig_j.append(sig)
-        act = gates(xh[t], sigmoid=True)
+        act = gates(xh[t], out=act_steps[t], sigmoid=True)
         gate_i, gate_f, gate_g, gate_o = act.chunk(4, 1)
-        g2 = mul(gate_g, 4).sub_(2)  # 2 tanh(g) = 4σ(2g) − 2
-        cell2 = mul(gate_f, cell2).addcmul_(gate_i, g2)  # 2 c'
-        tc = sigmoid(cell2).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
+        g2 = mul(gate_g, 4, out=g2_steps[t]).sub_(2)  # 2 tanh(g) = 4σ(2g) − 2
+        cell_in, cell_out = (t, t + 1) if keep else (t % 2, (t + 1) % 2)
+        cell2 = mul(gate_f, cells[cell_in], out=cells[cell_out]).addcmul_(gate_i, g2)  # 2 c'
+        tc = torch.sigmoid(cell2, out=tc_steps[t]).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
         mul(gate_o, tc, out=out[t])
         if h_final == 0 and t + 1 < steps:
             h_half[t + 1].copy_(out[t])
-        if keep:
-            saved.activations.append(act)
-            saved.tanh_g2.append(g2)
-            saved.cells2.append(cell2)
-            saved.tanh_c.append(tc)
-    return output, cell2 / 2, saved
+    return output, cells[steps if keep else steps % 2] / 2, saved
 
 
-def _backward(
-    structure: _Structure,
-    flat: tuple,
+def _backward_chain(
+    s: _Structure,
+    weights: _Weights,
     x: Tensor,
-    h0: Tensor,
-    output: Tensor,
+    h_prev: Tensor | None,
     saved: _Saved,
     grad_output: Tensor,
     grad_h: Tensor,
     grad_c: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
-    """Gradients of x, h0, c0 and of the flat weights, from those of output, h_T and c_T."""
-    s, steps, rows, r = structure, grad_output.shape[0], grad_output.shape[1], structure.rounds
+    grad_x: Tensor,
+    grad_z: list[Tensor],
+    grad_inners: list[Tensor | None],
+    grad_act: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The backward time loop in Python: fills grad_x (T, B, I), grad_z[j-1] (T, B, ·),
+    grad_inners and grad_act (T, B, 4, H); returns the gradients of h0 and c0 (B, H)."""
+    steps, rows, r = grad_output.shape[0], grad_output.shape[1], s.rounds
     big_i, big_h = s.input_size, s.hidden_size
-    weights = _Weights(s, flat, rows, backward=True)
-    grad_x = torch.empty_like(x)
-    grad_z = [x.new_empty(steps, rows, s.size(j)) for j in range(1, r + 1)]
-    grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
-    grad_act = x.new_empty(steps, rows, 4, big_h)  # gradient of the gates' pre-activations
     x_final, h_final = s.final_states()
-    h_prev = torch.cat([h0[None], output[:-1]]) if r >= 2 else None
 
     # What the chain needs that depends only on the forward is computed for a chunk of steps at
     # once (small enough to stay in cache and out of fresh pages), so each step runs few, small
@@ -422,13 +459,13 @@ def _backward(
     for end in range(steps, 0, -chunk):
         begin = max(0, end - chunk)
         span = slice(begin, end)
-        act = torch.stack(saved.activations[span]).view(-1, rows, 4, big_h)
+        act = saved.activations[span].view(-1, rows, 4, big_h)
         slope = torch.addcmul(act, act, act, value=-1)  # σ'(pre-activation) = σ(1 − σ)
-        tanh_c = torch.stack(saved.tanh_c[span])
+        tanh_c = saved.tanh_c[span]
         through = torch.addcmul(act.new_tensor(0.5), tanh_c, tanh_c, value=-0.5).mul_(act[:, :, 3])
         gate_terms = [
-            torch.stack(saved.tanh_g2[span]),
-            torch.stack(saved.cells2[span]),
+            saved.tanh_g2[span],
+            saved.cells2[span],
             act[:, :, 0] * 4,
             tanh_c,
         ]
@@ -441,7 +478,7 @@ def _backward(
         forget = act[:, :, 1].unbind(0)
         rounds = []
         for j in range(r, 0, -1):
-            sig = torch.stack(saved.sig[j - 1][span])
+            sig = saved.sig[j - 1][span]
             factor = torch.addcmul(sig, sig, sig, value=-1).mul_(gated_states[j - 1][span])
             rounds.append(
                 (
@@ -474,7 +511,60 @@ def _backward(
                 grad_x_steps[t].copy_(grad_state[-1])
             if t > 0:
                 torch.add(grad_output[t - 1], grad_state[0], out=dh)
-    grad_h0 = grad_state[0].clone()
+    return grad_state[0].clone(), dc2 * 2
+
+
+def _backward(
+    structure: _Structure,
+    flat: tuple,
+    x: Tensor,
+    h0: Tensor,
+    output: Tensor,
+    saved: _Saved,
+    grad_output: Tensor,
+    grad_h: Tensor,
+    grad_c: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
+    """Gradients of x, h0, c0 and of the flat weights, from those of output, h_T and c_T."""
+    s, steps, rows, r = structure, grad_output.shape[0], grad_output.shape[1], structure.rounds
+    big_i, big_h = s.input_size, s.hidden_size
+    weights = _Weights(s, flat, rows, backward=True)
+    grad_x = torch.empty_like(x)
+    grad_z = [x.new_empty(steps, rows, s.size(j)) for j in range(1, r + 1)]
+    grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
+    grad_act = x.new_empty(steps, rows, 4, big_h)  # gradient of the gates' pre-activations
+    h_prev = torch.cat([h0[None], output[:-1]]) if r >= 2 else None
+    if fused_chain.usable(x):
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(h0)
+        torch.ops.mogrifier_fast.chain_backward(
+            grad_output,
+            grad_h.contiguous(),
+            grad_c.contiguous(),
+            x,
+            h0,
+            output,
+            saved.xh,
+            list(saved.states.values()),
+            saved.sig,
+            saved.activations,
+            saved.tanh_g2,
+            saved.tanh_c,
+            saved.cells2,
+            *weights.native_args(),
+            weights.gate_weight,
+            grad_x,
+            grad_h0,
+            grad_c0,
+            grad_act.view(steps, rows, -1),
+            grad_z,
+            grad_inners,
+            fused_chain.threads_for(rows * (big_i + big_h) * 4 * big_h),
+        )
+    else:
+        grad_h0, grad_c0 = _backward_chain(
+            s, weights, x, h_prev, saved, grad_output, grad_h, grad_c,
+            grad_x, grad_z, grad_inners, grad_act,
+        )  # fmt: skip
 
     # Weight gradients: one product each over all T·B rows.
     total = steps * rows
@@ -508,7 +598,7 @@ def _backward(
     ]
     for grads, has_bias in zip(map_grads, s.map_bias, strict=True):
         flat_grads.extend(grads if has_bias else [*grads[:-1], None])
-    return grad_x, grad_h0, dc2 * 2, flat_grads
+    return grad_x, grad_h0, grad_c0, flat_grads
 
 
 class _FusedSequence(torch.autograd.Function):
@@ -529,7 +619,7 @@ class _FusedSequence(torch.autograd.Function):
         x, h0, output, *rest = ctx.saved_tensors
         present = iter(rest)
         flat = tuple(next(present) if slot else None for slot in ctx.weight_slots)
-        saved = _Saved.from_tensors(structure, _ranks(structure, flat), x.shape[0], tuple(present))
+        saved = _Saved.from_tensors(structure, _ranks(structure, flat), tuple(present))
         grad_x, grad_h0, grad_c0, grads = _backward(
             structure, flat, x, h0, output, saved, grad_output.contiguous(), grad_h, grad_c
         )
@@ -541,6 +631,9 @@ def run_fused(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
     structure, flat = _split(params)
+    # Rows may be strided (batch_first), elements not (the C++ loops read whole rows).
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    h0, c0 = h0.contiguous(), c0.contiguous()
     if needs_backward(x, h0, c0, *flat):
         return _FusedSequence.apply(structure, x, h0, c0, *flat)
     with torch.no_grad():

@@ -1,0 +1,70 @@
+"""The C++ time loops of backend ``"fused"`` (``mogrifier_fast/csrc/fused_chain.cpp``).
+
+Built with the system's C++ compiler on first use (about a minute, then cached by
+``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) for this machine's vector
+instructions, and used for float32 on CPU. Where it cannot be built, ``"fused"`` runs its Python
+loops (the same results; slower), after one logged warning. ``MOGRIFIER_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger("mogrifier_fast")
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_chain.cpp"
+# A step's gate product of at least this many multiply-adds is split across torch's threads;
+# below it, one thread runs the whole loop (a barrier costs more than the work it shares).
+PARALLEL_MACS = 1 << 22
+
+
+def _machine_tag() -> str:
+    """Distinguishes builds for different CPUs (the code is compiled for the build machine)."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags += next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None once the C++ loops are built and loaded here, else why they are not."""
+    if os.environ.get("MOGRIFIER_NATIVE", "1") == "0":
+        return "turned off by MOGRIFIER_NATIVE=0"
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=f"mogrifier_fast_chain_{_machine_tag()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers, a failed build: all mean "not here"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        reason = f"could not build {SOURCE.name} ({type(error).__name__}: {first_line})"
+        logger.warning("backend 'fused' runs its Python loops: %s", reason)
+        return reason
+    return None
+
+
+def usable(x: Tensor) -> bool:
+    """Whether the C++ loops run a call on input x (float32 on CPU, built here)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and unavailable_reason() is None
+
+
+def threads_for(gate_macs: int) -> int:
+    """How many threads run the loops for a step whose gate product has ``gate_macs``."""
+    return torch.get_num_threads() if gate_macs >= PARALLEL_MACS else 1

@@ -1,0 +1,528 @@
+// The two time loops of the "fused" backend, for float32 on CPU (see backends/fused_chain.py).
+//
+// The math and the buffers are those of backends/fused.py: the weights arrive folded there
+// (doublings moved into the weights, g rows doubled), and the loops fill the same saved buffers
+// and gradient buffers its Python loops fill. What differs is how a step runs:
+//
+// * Products by a small register-blocked kernel on weights packed once per call into panels of
+//   16 columns (K x 16 contiguous, zero-padded): 8 rows x 32 columns of accumulators, the
+//   weight read once per row tile. No per-call library overhead, which at these sizes (16-32
+//   rows) costs more than the arithmetic.
+// * Pointwise work on 16-wide vectors right after the product, on the columns just computed,
+//   by the thread that computed them (sigmoid through a polynomial exp, as accurate as expf).
+// * One OpenMP team for the whole sequence: each product's columns are split across the
+//   threads, with a barrier between dependent phases.
+//
+// Written with GCC vector extensions, so it compiles to AVX-512, AVX2 or SSE as the machine has.
+
+#include <ATen/ATen.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t L = 16;  // floats per vector, and columns per panel
+using vec = float __attribute__((vector_size(64)));
+using ivec = int32_t __attribute__((vector_size(64)));
+
+inline int64_t round_up(int64_t n) { return (n + L - 1) / L * L; }
+inline vec splat(float a) { return vec{} + a; }
+// n < L: the first n lanes (the rest zero on load, untouched on store).
+inline vec load(const float* p, int64_t n = L) {
+  vec v = {};
+  if (n == L)
+    std::memcpy(&v, p, sizeof v);
+  else
+    std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+inline void store(float* p, vec v, int64_t n = L) {
+  if (n == L)
+    std::memcpy(p, &v, sizeof v);
+  else
+    std::memcpy(p, &v, n * sizeof(float));
+}
+
+// exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (about 1 ulp); inputs
+// clamped to where 2^n stays a normal float; NaN passes through.
+inline vec exp_v(vec x) {
+  x = x > 88.0f ? splat(88.0f) : x;
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vec r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+inline vec sigmoid_v(vec x) { return 1.0f / (1.0f + exp_v(-x)); }
+
+// A matrix B (K, N) as the right operand of C = A B, in panels of L columns: panel p holds
+// B[k][pL .. pL+L) for every k, contiguous. Columns come in blocks (the four gates, or the x and
+// h halves of [x, h]), each zero-padded to a multiple of L, so every block starts a panel.
+struct Panels {
+  at::Tensor data;  // (panels, K, L)
+  int64_t K = 0;
+  std::vector<int64_t> widths, first_panel;
+
+  Panels(const at::Tensor& b, std::vector<int64_t> block_widths) : widths(std::move(block_widths)) {
+    K = b.size(0);
+    int64_t panels = 0;
+    for (int64_t w : widths) {
+      first_panel.push_back(panels);
+      panels += round_up(w) / L;
+    }
+    data = at::zeros({panels, K, L}, b.options());
+    auto src = b.accessor<float, 2>();
+    float* dst = data.data_ptr<float>();
+    int64_t column = 0;
+    for (size_t block = 0; block < widths.size(); ++block) {
+      float* first = dst + first_panel[block] * K * L;
+      auto at = [&](int64_t k, int64_t n) -> float& { return first[(n / L * K + k) * L + n % L]; };
+      if (b.stride(0) == 1) {  // read along columns of B (rows of the weight)
+        for (int64_t n = 0; n < widths[block]; ++n)
+          for (int64_t k = 0; k < K; ++k) at(k, n) = src[k][column + n];
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t n = 0; n < widths[block]; ++n) at(k, n) = src[k][column + n];
+      }
+      column += widths[block];
+    }
+  }
+  int64_t panels() const { return data.size(0); }
+  int64_t padded_width() const { return panels() * L; }
+  const float* panel(int64_t p) const { return data.data_ptr<float>() + p * K * L; }
+};
+
+// C[0:MR, 0:NV L] (+)= A[0:MR, 0:K] B-panels p..p+NV-1; rows of A and C lda / ldc apart.
+template <int MR, int NV>
+inline void tile(const float* a, int64_t lda, const Panels& b, int64_t p, float* c, int64_t ldc,
+                 bool accumulate) {
+  const int64_t K = b.K;
+  const float* bp = b.panel(p);
+  vec acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? load(c + i * ldc + v * L) : vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec bk[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bk[v] = load(bp + (v * K + k) * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const vec ai = splat(a[i * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * bk[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(c + i * ldc + v * L, acc[i][v]);
+}
+
+template <int NV>
+void row_tiles(const float* a, int64_t lda, int64_t rows, const Panels& b, int64_t p, float* c,
+               int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) tile<8, NV>(a + i * lda, lda, b, p, c + i * ldc, ldc, accumulate);
+  a += i * lda;
+  c += i * ldc;
+  switch (rows - i) {
+    case 7: return tile<7, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 6: return tile<6, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 5: return tile<5, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 4: return tile<4, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 3: return tile<3, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 2: return tile<2, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 1: return tile<1, NV>(a, lda, b, p, c, ldc, accumulate);
+    default: return;
+  }
+}
+
+// Columns [p0 L, p1 L) of C (rows, padded width) (+)= A (rows, K) B.
+void gemm(const float* a, int64_t lda, int64_t rows, const Panels& b, int64_t p0, int64_t p1,
+          float* c, int64_t ldc, bool accumulate) {
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) row_tiles<2>(a, lda, rows, b, p, c + p * L, ldc, accumulate);
+  if (p < p1) row_tiles<1>(a, lda, rows, b, p, c + p * L, ldc, accumulate);
+}
+
+// This thread's share [begin, end) of n items split over the team.
+struct Share {
+  int64_t begin, end;
+  Share(int64_t n, int thread, int threads)
+      : begin(n * thread / threads), end(n * (thread + 1) / threads) {}
+};
+
+// A (T, B, width) tensor whose last dimension is contiguous; step 0 when one block serves every
+// step (inference keeps nothing over time).
+struct Sequence {
+  float* base = nullptr;
+  int64_t step = 0, row = 0;
+  Sequence() = default;
+  Sequence(const at::Tensor& t, bool over_time = true)
+      : base(t.data_ptr<float>()), step(over_time ? t.stride(0) : 0), row(t.stride(1)) {
+    TORCH_CHECK(t.stride(2) == 1, "fused_chain: a buffer's last dimension must be contiguous");
+  }
+  float* at(int64_t t, int64_t b) const { return base + t * step + b * row; }
+};
+
+// The states u_s, s = -1 (the input) .. r, of every step, where fused.py keeps them.
+struct States {
+  int64_t rounds, input_size, hidden_size, x_final, h_final;
+  Sequence x, output, xh, h0;
+  std::vector<Sequence> kept;  // kept[s], 1 <= s <= r - 2
+
+  States(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& output_,
+         const at::Tensor& xh_, at::TensorList states, int64_t rounds_, bool keep)
+      : rounds(rounds_), input_size(x_.size(2)), hidden_size(h0_.size(1)), x(x_),
+        output(output_), xh(xh_, keep), h0(h0_.unsqueeze(0)) {
+    x_final = rounds % 2 ? rounds : rounds - 1;
+    h_final = rounds % 2 ? rounds - 1 : rounds;
+    kept.resize(std::max<int64_t>(rounds - 1, 1));
+    for (int64_t s = 1; s + 1 < rounds; ++s) kept[s] = Sequence(states[s - 1], keep);
+  }
+  int64_t width(int64_t s) const { return s % 2 ? input_size : hidden_size; }
+  // Distance between the rows of state s at step t.
+  int64_t ld(int64_t s, int64_t t) const {
+    if (s == -1) return x.row;
+    if (s == 0) return t == 0 ? h0.row : output.row;
+    if (s == x_final || s == h_final) return xh.row;
+    return kept[s].row;
+  }
+  float* at(int64_t s, int64_t t, int64_t b) const {
+    if (s == -1) return x.at(t, b);
+    if (s == 0) return t == 0 ? h0.at(0, b) : output.at(t - 1, b);
+    if (s == x_final) return xh.at(t, b);
+    if (s == h_final) return xh.at(t, b) + input_size;
+    return kept[s].at(t, b);
+  }
+};
+
+// Round j's map as products: dense [W], or low rank [B, A] (W = A B), bias on the last.
+struct RoundMaps {
+  std::vector<Panels> products;
+  const float* bias = nullptr;
+};
+
+std::vector<RoundMaps> round_maps(at::TensorList weights, c10::IntArrayRef factors,
+                                  const c10::List<std::optional<at::Tensor>>& biases,
+                                  bool backward) {
+  std::vector<RoundMaps> maps;
+  size_t next = 0;
+  for (size_t j = 0; j < factors.size(); ++j) {
+    RoundMaps m;
+    std::vector<at::Tensor> f(weights.begin() + next, weights.begin() + next + factors[j]);
+    next += factors[j];
+    if (backward) {  // dz -> dz W: dense [W (out, in)], low rank [A (out, k), B (k, in)]
+      for (const auto& w : f) m.products.emplace_back(w, std::vector<int64_t>{w.size(1)});
+    } else {  // u -> u W^T: dense [W^T], low rank [B^T then A^T]
+      for (auto it = f.rbegin(); it != f.rend(); ++it)
+        m.products.emplace_back(it->t(), std::vector<int64_t>{it->size(0)});
+    }
+    const std::optional<at::Tensor> bias = biases.get(j);
+    if (bias.has_value()) m.bias = bias->data_ptr<float>();
+    maps.push_back(std::move(m));
+  }
+  return maps;
+}
+
+int team_size(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
+
+}  // namespace
+
+// The forward time loop; fills output, c_last and the saved buffers (each (T, B, .), or one
+// block when not keep; cells2 (T + 1, B, H), or two blocks used in turn).
+void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                   at::TensorList weights, c10::IntArrayRef factors,
+                   const c10::List<std::optional<at::Tensor>>& biases,
+                   const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,
+                   const at::Tensor& output, const at::Tensor& c_last, const at::Tensor& xh,
+                   at::TensorList states, const c10::List<std::optional<at::Tensor>>& inners,
+                   at::TensorList sig, const at::Tensor& act, const at::Tensor& tanh_g2,
+                   const at::Tensor& tanh_c, const at::Tensor& cells2, bool keep,
+                   int64_t threads) {
+  const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
+  const int64_t rounds = static_cast<int64_t>(factors.size());
+  const States state(x, h0, output, xh, states, rounds, keep);
+  const std::vector<RoundMaps> maps = round_maps(weights, factors, biases, false);
+  const Panels gates(gate_weight.t(), {H, H, H, H});
+  const float* gate_b = gate_bias.has_value() ? gate_bias->data_ptr<float>() : nullptr;
+  std::vector<Sequence> sig_seq, inner_seq(rounds);
+  for (int64_t j = 0; j < rounds; ++j) {
+    sig_seq.emplace_back(sig[j], keep);
+    const std::optional<at::Tensor> inner = inners.get(j);
+    if (inner.has_value()) inner_seq[j] = Sequence(*inner, keep);
+  }
+  const Sequence act_s(act, keep), g2_s(tanh_g2, keep), tc_s(tanh_c, keep);
+  const Sequence cells(cells2);
+  int64_t scratch_width = gates.padded_width();
+  for (const auto& m : maps)
+    for (const auto& p : m.products) scratch_width = std::max(scratch_width, p.padded_width());
+  at::Tensor scratch_t = at::empty({rows, scratch_width}, x.options());
+  float* const scratch = scratch_t.data_ptr<float>();
+  const int64_t hp = gates.panels() / 4;  // panels per gate
+  cells2[0].copy_(c0 * 2);
+  if (state.h_final == 0) xh[0].narrow(1, I, H).copy_(h0);  // later steps: copied in the loop
+  const int64_t last_cell = keep ? steps : steps % 2;
+
+#pragma omp parallel num_threads(team_size(threads))
+  {
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int64_t t = 0; t < steps; ++t) {
+      // With fewer than two rounds, x or h_{t-1} enter the gate product unchanged: copied in.
+      if (state.x_final == -1 || (state.h_final == 0 && t > 0)) {
+        const Share share(rows, thread, team);
+        for (int64_t b = share.begin; b < share.end; ++b) {
+          if (state.x_final == -1)
+            std::memcpy(state.xh.at(t, b), state.x.at(t, b), I * sizeof(float));
+          if (state.h_final == 0 && t > 0)
+            std::memcpy(state.xh.at(t, b) + I, state.output.at(t - 1, b), H * sizeof(float));
+        }
+#pragma omp barrier
+      }
+      for (int64_t j = 1; j <= rounds; ++j) {
+        const RoundMaps& m = maps[j - 1];
+        const float* in = state.at(j - 1, t, 0);
+        int64_t lda = state.ld(j - 1, t);
+        if (m.products.size() == 2) {  // low rank: the inner value first
+          const Panels& inner_map = m.products[0];
+          const Share share(inner_map.panels(), thread, team);
+          gemm(in, lda, rows, inner_map, share.begin, share.end, scratch, scratch_width, false);
+          const int64_t k = inner_map.widths[0];
+          const int64_t c1 = std::min(share.end * L, k);
+          for (int64_t b = 0; b < rows; ++b)
+            for (int64_t c = share.begin * L; c < c1; c += L)
+              store(inner_seq[j - 1].at(t, b) + c, load(scratch + b * scratch_width + c),
+                    std::min(L, c1 - c));
+#pragma omp barrier
+          in = inner_seq[j - 1].at(t, 0);
+          lda = inner_seq[j - 1].row;
+        }
+        const Panels& out_map = m.products.back();
+        const Share share(out_map.panels(), thread, team);
+        gemm(in, lda, rows, out_map, share.begin, share.end, scratch, scratch_width, false);
+        const int64_t c1 = std::min(share.end * L, out_map.widths[0]);
+        for (int64_t b = 0; b < rows; ++b) {
+          const float* gated = state.at(j - 2, t, b);
+          float* u = state.at(j, t, b);
+          float* s_out = sig_seq[j - 1].at(t, b);
+          for (int64_t c = share.begin * L; c < c1; c += L) {
+            const int64_t n = std::min(L, c1 - c);
+            vec z = load(scratch + b * scratch_width + c);
+            if (m.bias) z += load(m.bias + c, n);
+            const vec s = sigmoid_v(z);
+            store(s_out + c, s, n);
+            store(u + c, s * load(gated + c, n), n);
+          }
+        }
+#pragma omp barrier
+      }
+      // Gates: this thread's hidden units, all four gates of each.
+      const Share share(hp, thread, team);
+      for (int64_t g = 0; g < 4; ++g)
+        gemm(state.xh.at(t, 0), state.xh.row, rows, gates, g * hp + share.begin,
+             g * hp + share.end, scratch, scratch_width, false);
+      const int64_t u1 = std::min(share.end * L, H);
+      const int64_t cell_in = keep ? t : t % 2, cell_out = keep ? t + 1 : (t + 1) % 2;
+      for (int64_t b = 0; b < rows; ++b) {
+        const float* pre = scratch + b * scratch_width;
+        float* a_out = act_s.at(t, b);
+        for (int64_t u = share.begin * L; u < u1; u += L) {
+          const int64_t n = std::min(L, u1 - u);
+          vec a[4];
+          for (int64_t g = 0; g < 4; ++g) {
+            vec z = load(pre + g * hp * L + u);
+            if (gate_b) z += load(gate_b + g * H + u, n);
+            a[g] = sigmoid_v(z);
+            store(a_out + g * H + u, a[g], n);
+          }
+          const vec g2 = a[2] * 4.0f - 2.0f;  // 2 tanh(g)
+          const vec cell2 = a[1] * load(cells.at(cell_in, b) + u, n) + a[0] * g2;  // 2 c'
+          const vec tc = sigmoid_v(cell2) * 2.0f - 1.0f;  // tanh(c')
+          const vec h = a[3] * tc;
+          store(g2_s.at(t, b) + u, g2, n);
+          store(cells.at(cell_out, b) + u, cell2, n);
+          store(tc_s.at(t, b) + u, tc, n);
+          store(state.output.at(t, b) + u, h, n);
+        }
+      }
+#pragma omp barrier
+    }
+  }
+  c_last.copy_(cells2[last_cell] / 2);
+}
+
+// The backward time loop: the data gradients. Fills grad_x, grad_h0, grad_c0 and, over time,
+// grad_act (the gates' pre-activations), grad_z (each round's pre-activation) and grad_inners
+// (a low-rank round's inner value), from which fused.py forms the weight gradients.
+void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
+                    const at::Tensor& grad_c, const at::Tensor& x, const at::Tensor& h0,
+                    const at::Tensor& output, const at::Tensor& xh, at::TensorList states,
+                    at::TensorList sig, const at::Tensor& act, const at::Tensor& tanh_g2,
+                    const at::Tensor& tanh_c, const at::Tensor& cells2, at::TensorList weights,
+                    c10::IntArrayRef factors, const at::Tensor& gate_weight,
+                    const at::Tensor& grad_x, const at::Tensor& grad_h0,
+                    const at::Tensor& grad_c0, const at::Tensor& grad_act,
+                    at::TensorList grad_z,
+                    const c10::List<std::optional<at::Tensor>>& grad_inners, int64_t threads) {
+  const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
+  const int64_t rounds = static_cast<int64_t>(factors.size());
+  const States state(x, h0, output, xh, states, rounds, true);
+  c10::List<std::optional<at::Tensor>> no_biases;
+  for (int64_t j = 0; j < rounds; ++j) no_biases.push_back(std::nullopt);
+  const std::vector<RoundMaps> maps = round_maps(weights, factors, no_biases, true);
+  const Panels gates(gate_weight, {I, H});
+  const int64_t ip = round_up(I);
+  // The gradient of each state u_s (s = 0 .. r) within a step, padded to whole panels.
+  std::vector<at::Tensor> grad_state_t;
+  std::vector<float*> grad_state;
+  for (int64_t s = 0; s <= rounds; ++s) {
+    grad_state_t.push_back(at::zeros({rows, round_up(state.width(s))}, x.options()));
+    grad_state.push_back(grad_state_t.back().data_ptr<float>());
+  }
+  const Sequence gx(grad_x);
+  auto grad_of = [&](int64_t s, int64_t t, int64_t b) -> float* {
+    return s == -1 ? gx.at(t, b) : grad_state[s] + b * round_up(state.width(s));
+  };
+  std::vector<Sequence> sig_seq, dz_seq, dinner_seq(rounds);
+  for (int64_t j = 0; j < rounds; ++j) {
+    sig_seq.emplace_back(sig[j]);
+    dz_seq.emplace_back(grad_z[j]);
+    const std::optional<at::Tensor> inner = grad_inners.get(j);
+    if (inner.has_value()) dinner_seq[j] = Sequence(*inner);
+  }
+  const Sequence go(grad_output), act_s(act), g2_s(tanh_g2), tc_s(tanh_c),
+      cells(cells2), dact(grad_act);
+  at::Tensor dc2_t = grad_c / 2;  // the gradient of the doubled cell, (B, H)
+  float* const dc2 = dc2_t.data_ptr<float>();
+  const float* const dh_last = grad_h.data_ptr<float>();
+  int64_t scratch_width = gates.padded_width();
+  for (const auto& m : maps) scratch_width = std::max(scratch_width, m.products[0].padded_width());
+  at::Tensor scratch_t = at::empty({rows, scratch_width}, x.options());
+  float* const scratch = scratch_t.data_ptr<float>();
+  const int64_t hp = round_up(H) / L;
+  const int64_t h_width = round_up(H);
+
+#pragma omp parallel num_threads(team_size(threads))
+  {
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    const Share units(hp, thread, team);
+    const int64_t u1 = std::min(units.end * L, H);
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      // Through the cell and the gates' sigmoids: this thread's hidden units.
+      for (int64_t b = 0; b < rows; ++b) {
+        const float* dh_next = t == steps - 1 ? dh_last + b * H : grad_state[0] + b * h_width;
+        const float* a_in = act_s.at(t, b);
+        float* d_pre = dact.at(t, b);
+        for (int64_t u = units.begin * L; u < u1; u += L) {
+          const int64_t n = std::min(L, u1 - u);
+          const vec dh = load(go.at(t, b) + u, n) + load(dh_next + u, n);
+          const vec ai = load(a_in + u, n), af = load(a_in + H + u, n),
+                    ag = load(a_in + 2 * H + u, n), ao = load(a_in + 3 * H + u, n);
+          const vec tc = load(tc_s.at(t, b) + u, n);
+          vec dc = load(dc2 + b * H + u, n) + dh * ao * (1.0f - tc * tc) * 0.5f;
+          store(d_pre + u, dc * load(g2_s.at(t, b) + u, n) * ai * (1.0f - ai), n);
+          store(d_pre + H + u, dc * load(cells.at(t, b) + u, n) * af * (1.0f - af), n);
+          store(d_pre + 2 * H + u, dc * 4.0f * ai * ag * (1.0f - ag), n);
+          store(d_pre + 3 * H + u, dh * tc * ao * (1.0f - ao), n);
+          store(dc2 + b * H + u, dc * af, n);
+        }
+      }
+#pragma omp barrier
+      {  // [dx, dh] of the gate product, into the two final states' gradients
+        const Share share(gates.panels(), thread, team);
+        gemm(dact.at(t, 0), dact.row, rows, gates, share.begin, share.end, scratch, scratch_width,
+             false);
+        for (int64_t b = 0; b < rows; ++b)
+          for (int64_t c = share.begin * L; c < share.end * L; c += L) {
+            const bool x_half = c < ip;
+            const int64_t col = x_half ? c : c - ip, width = x_half ? I : H;
+            if (col >= width) continue;
+            float* dst = grad_of(x_half ? state.x_final : state.h_final, t, b);
+            store(dst + col, load(scratch + b * scratch_width + c), std::min(L, width - col));
+          }
+      }
+#pragma omp barrier
+      for (int64_t j = rounds; j >= 1; --j) {
+        const RoundMaps& m = maps[j - 1];
+        const int64_t width = state.width(j);
+        {  // dz_j = du_j σ'(z_j) u_{j-2};  du_{j-2} = du_j σ(z_j)
+          const Share share(round_up(width) / L, thread, team);
+          const int64_t c1 = std::min(share.end * L, width);
+          for (int64_t b = 0; b < rows; ++b) {
+            const float* du = grad_of(j, t, b);
+            const float* s_in = sig_seq[j - 1].at(t, b);
+            const float* gated = state.at(j - 2, t, b);
+            float* dz = dz_seq[j - 1].at(t, b);
+            float* d_gated = grad_of(j - 2, t, b);
+            for (int64_t c = share.begin * L; c < c1; c += L) {
+              const int64_t n = std::min(L, c1 - c);
+              const vec g = load(du + c, n), s = load(s_in + c, n);
+              store(dz + c, g * s * (1.0f - s) * load(gated + c, n), n);
+              store(d_gated + c, g * s, n);
+            }
+          }
+        }
+#pragma omp barrier
+        const float* dz = dz_seq[j - 1].at(t, 0);
+        int64_t lda = dz_seq[j - 1].row;
+        if (m.products.size() == 2) {  // low rank: dz A first
+          const Panels& first = m.products[0];
+          const Share share(first.panels(), thread, team);
+          gemm(dz, lda, rows, first, share.begin, share.end, scratch, scratch_width, false);
+          const int64_t k = first.widths[0], c1 = std::min(share.end * L, k);
+          for (int64_t b = 0; b < rows; ++b)
+            for (int64_t c = share.begin * L; c < c1; c += L)
+              store(dinner_seq[j - 1].at(t, b) + c, load(scratch + b * scratch_width + c),
+                    std::min(L, c1 - c));
+#pragma omp barrier
+          dz = dinner_seq[j - 1].at(t, 0);
+          lda = dinner_seq[j - 1].row;
+        }
+        const Panels& last = m.products.back();
+        const Share share(last.panels(), thread, team);
+        gemm(dz, lda, rows, last, share.begin, share.end, grad_state[j - 1],
+             round_up(state.width(j - 1)), true);
+#pragma omp barrier
+      }
+    }
+  }
+  grad_h0.copy_(grad_state_t[0].narrow(1, 0, H));
+  grad_c0.copy_(dc2_t * 2);
+}
+
+TORCH_LIBRARY(mogrifier_fast, m) {
+  m.def(
+      "chain_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int[] factors, "
+      "Tensor?[] biases, Tensor gate_weight, Tensor? gate_bias, Tensor(a!) output, "
+      "Tensor(b!) c_last, Tensor(c!) xh, Tensor(d!)[] states, Tensor(e!)?[] inners, "
+      "Tensor(f!)[] sig, Tensor(g!) act, Tensor(h!) tanh_g2, Tensor(i!) tanh_c, "
+      "Tensor(j!) cells2, bool keep, int threads) -> ()");
+  m.def(
+      "chain_backward(Tensor grad_output, Tensor grad_h, Tensor grad_c, Tensor x, Tensor h0, "
+      "Tensor output, Tensor xh, Tensor[] states, Tensor[] sig, Tensor act, Tensor tanh_g2, "
+      "Tensor tanh_c, Tensor cells2, Tensor[] weights, int[] factors, Tensor gate_weight, "
+      "Tensor(a!) grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_c0, Tensor(d!) grad_act, "
+      "Tensor(e!)[] grad_z, Tensor(f!)?[] grad_inners, int threads) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mogrifier_fast, CPU, m) {
+  m.impl("chain_forward", chain_forward);
+  m.impl("chain_backward", chain_backward);
+}
