@@ -20,9 +20,9 @@ from torch import Tensor
 
 logger = logging.getLogger("mogrifier_fast")
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_chain.cpp"
-# A step's gate product of at least this many multiply-adds is split across torch's threads;
-# below it, one thread runs the whole loop (a barrier costs more than the work it shares).
-PARALLEL_MACS = 1 << 22
+# A product of at least this many multiply-adds (for the loops: a step's gate product) is split
+# across torch's threads; below it one thread runs it (a barrier costs more than it shares).
+PARALLEL_MACS = 1 << 18
 
 
 def _machine_tag() -> str:
@@ -65,6 +65,7 @@ def usable(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and unavailable_reason() is None
 
 
-def threads_for(gate_macs: int) -> int:
-    """How many threads run the loops for a step whose gate product has ``gate_macs``."""
-    return torch.get_num_threads() if gate_macs >= PARALLEL_MACS else 1
+def threads_for(macs: int) -> int:
+    """How many threads run the loops for a step whose gate product has ``macs`` multiply-adds,
+    or a product of that many."""
+    return torch.get_num_threads() if macs >= PARALLEL_MACS else 1

@@ -107,24 +107,33 @@ struct Panels {
   const float* panel(int64_t p) const { return data.data_ptr<float>() + p * K * L; }
 };
 
-// C[0:MR, 0:NV L] (+)= A[0:MR, 0:K] B-panels p..p+NV-1; rows of A and C lda / ldc apart.
+// The register tile of every product here: C[0:MR, 0:NV L] (+)= sum over k < K of A(i, k) B(k, .)
+// with A(i, k) = a[i a_row + k a_k] and the row k of B's vector v at b + k b_k + v b_v; rows of C
+// ldc apart. Packed panels (b_k = L, b_v = K L) serve the time loops, plain rows (b_k = ldb,
+// b_v = L) the weight gradients.
+struct Operands {
+  const float* a;
+  int64_t a_row, a_k;
+  const float* b;
+  int64_t b_k, b_v, K;
+};
+
 template <int MR, int NV>
-inline void tile(const float* a, int64_t lda, const Panels& b, int64_t p, float* c, int64_t ldc,
-                 bool accumulate) {
-  const int64_t K = b.K;
-  const float* bp = b.panel(p);
+inline void tile(const Operands& o, float* c, int64_t ldc, bool accumulate) {
   vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = accumulate ? load(c + i * ldc + v * L) : vec{};
-  for (int64_t k = 0; k < K; ++k) {
+  const float* a = o.a;
+  const float* b = o.b;
+  for (int64_t k = 0; k < o.K; ++k, a += o.a_k, b += o.b_k) {
     vec bk[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bk[v] = load(bp + (v * K + k) * L);
+    for (int v = 0; v < NV; ++v) bk[v] = load(b + v * o.b_v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const vec ai = splat(a[i * lda + k]);
+      const vec ai = splat(a[i * o.a_row]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * bk[v];
     }
@@ -135,31 +144,43 @@ inline void tile(const float* a, int64_t lda, const Panels& b, int64_t p, float*
     for (int v = 0; v < NV; ++v) store(c + i * ldc + v * L, acc[i][v]);
 }
 
+// Rows [0, rows) of C, NV vectors wide, in tiles of up to 8 rows.
 template <int NV>
-void row_tiles(const float* a, int64_t lda, int64_t rows, const Panels& b, int64_t p, float* c,
-               int64_t ldc, bool accumulate) {
+void row_tiles(Operands o, int64_t rows, float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
-  for (; i + 8 <= rows; i += 8) tile<8, NV>(a + i * lda, lda, b, p, c + i * ldc, ldc, accumulate);
-  a += i * lda;
+  for (; i + 8 <= rows; i += 8, o.a += 8 * o.a_row) tile<8, NV>(o, c + i * ldc, ldc, accumulate);
   c += i * ldc;
   switch (rows - i) {
-    case 7: return tile<7, NV>(a, lda, b, p, c, ldc, accumulate);
-    case 6: return tile<6, NV>(a, lda, b, p, c, ldc, accumulate);
-    case 5: return tile<5, NV>(a, lda, b, p, c, ldc, accumulate);
-    case 4: return tile<4, NV>(a, lda, b, p, c, ldc, accumulate);
-    case 3: return tile<3, NV>(a, lda, b, p, c, ldc, accumulate);
-    case 2: return tile<2, NV>(a, lda, b, p, c, ldc, accumulate);
-    case 1: return tile<1, NV>(a, lda, b, p, c, ldc, accumulate);
+    case 7: return tile<7, NV>(o, c, ldc, accumulate);
+    case 6: return tile<6, NV>(o, c, ldc, accumulate);
+    case 5: return tile<5, NV>(o, c, ldc, accumulate);
+    case 4: return tile<4, NV>(o, c, ldc, accumulate);
+    case 3: return tile<3, NV>(o, c, ldc, accumulate);
+    case 2: return tile<2, NV>(o, c, ldc, accumulate);
+    case 1: return tile<1, NV>(o, c, ldc, accumulate);
     default: return;
   }
 }
 
-// Columns [p0 L, p1 L) of C (rows, padded width) (+)= A (rows, K) B.
+// Vectors [v0, v1) of C's rows [0, rows), with o.b at vector 0.
+void tiles(Operands o, int64_t rows, int64_t v0, int64_t v1, float* c, int64_t ldc,
+           bool accumulate) {
+  const float* b = o.b;
+  int64_t v = v0;
+  for (; v + 2 <= v1; v += 2) {
+    o.b = b + v * o.b_v;
+    row_tiles<2>(o, rows, c + v * L, ldc, accumulate);
+  }
+  if (v < v1) {
+    o.b = b + v * o.b_v;
+    row_tiles<1>(o, rows, c + v * L, ldc, accumulate);
+  }
+}
+
+// Columns [p0 L, p1 L) of C (rows, padded width) (+)= A (rows, K; rows lda apart) B.
 void gemm(const float* a, int64_t lda, int64_t rows, const Panels& b, int64_t p0, int64_t p1,
           float* c, int64_t ldc, bool accumulate) {
-  int64_t p = p0;
-  for (; p + 2 <= p1; p += 2) row_tiles<2>(a, lda, rows, b, p, c + p * L, ldc, accumulate);
-  if (p < p1) row_tiles<1>(a, lda, rows, b, p, c + p * L, ldc, accumulate);
+  tiles({a, lda, 1, b.panel(0), L, b.K * L, b.K}, rows, p0, p1, c, ldc, accumulate);
 }
 
 // This thread's share [begin, end) of n items split over the team.
@@ -507,6 +528,38 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
   grad_c0.copy_(dc2_t * 2);
 }
 
+// scale · A^T B summed over all R rows: A (R, m), B (R, n), each row contiguous -> (m, n). A
+// weight gradient, read in place: each thread owns row tiles of the result and runs over R in
+// blocks that keep a block of B's vectors in L1.
+at::Tensor rows_product(const at::Tensor& a, const at::Tensor& b, double scale, int64_t threads) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "rows_product: shapes ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1, "rows_product: rows must be contiguous");
+  const int64_t R = a.size(0), m = a.size(1), n = b.size(1), width = round_up(n);
+  at::Tensor b_rows = b;
+  if (width != n) {  // vectors past the end of a row would be read: pad a copy
+    b_rows = at::zeros({R, width}, b.options());
+    b_rows.narrow(1, 0, n).copy_(b);
+  }
+  at::Tensor c = at::empty({m, width}, a.options());
+  const float* const a_data = a.data_ptr<float>();
+  const float* const b_data = b_rows.data_ptr<float>();
+  float* const c_data = c.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldb = b_rows.stride(0), block = 256;
+#pragma omp parallel num_threads(team_size(threads))
+  {
+    const Share share((m + 7) / 8, omp_get_thread_num(), omp_get_num_threads());
+    const int64_t i0 = share.begin * 8, i1 = std::min(share.end * 8, m);
+    for (int64_t k0 = 0; k0 < R && i0 < i1; k0 += block) {
+      const Operands o{a_data + k0 * lda + i0, 1, lda, b_data + k0 * ldb, ldb, L,
+                       std::min(block, R - k0)};
+      tiles(o, i1 - i0, 0, width / L, c_data + i0 * width, width, k0 > 0);
+    }
+  }
+  if (scale != 1.0) c.mul_(scale);
+  return width == n ? c : c.narrow(1, 0, n);
+}
+
 TORCH_LIBRARY(mogrifier_fast, m) {
   m.def(
       "chain_forward(Tensor x, Tensor h0, Tensor c0, Tensor[] weights, int[] factors, "
@@ -520,9 +573,11 @@ TORCH_LIBRARY(mogrifier_fast, m) {
       "Tensor tanh_c, Tensor cells2, Tensor[] weights, int[] factors, Tensor gate_weight, "
       "Tensor(a!) grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_c0, Tensor(d!) grad_act, "
       "Tensor(e!)[] grad_z, Tensor(f!)?[] grad_inners, int threads) -> ()");
+  m.def("rows_product(Tensor a, Tensor b, float scale, int threads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mogrifier_fast, CPU, m) {
   m.impl("chain_forward", chain_forward);
   m.impl("chain_backward", chain_backward);
+  m.impl("rows_product", rows_product);
 }
