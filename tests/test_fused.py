@@ -11,7 +11,7 @@ import torch
 
 import mogrifier_fast as mf
 from mogrifier_fast.backends import fused, fused_chain, resolve
-from tests.helpers import Case, random_cases
+from tests.helpers import Case, random_cases, run_and_grad
 from tests.test_backends import (
     FEATURE_CASES,
     check_against_oracle,
@@ -79,6 +79,23 @@ def test_cpp_loops_on_any_number_of_threads(monkeypatch, case: Case, threads: in
     monkeypatch.setattr(fused_chain, "threads_for", lambda macs: threads)
     check_against_oracle("fused", case, torch.float32)
     check_inference_against_oracle("fused", case, torch.float32)
+
+
+def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> None:
+    """Each output element is computed by one thread in a fixed order: no dependence on the
+    team size (torch.set_num_threads), forward or backward."""
+    if not fused_chain.usable(torch.zeros(1)):
+        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+    case = Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(fused_chain, "threads_for", lambda macs, n=threads: n)
+        layer, x, hx = case.build(dtype=torch.float32, backend="fused", device="cpu")
+        outputs, gradients = run_and_grad(layer, x, hx)
+        results.append([*outputs, *gradients])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog) -> None:

@@ -31,6 +31,7 @@ using vec = float __attribute__((vector_size(64)));
 using ivec = int32_t __attribute__((vector_size(64)));
 
 inline int64_t round_up(int64_t n) { return (n + L - 1) / L * L; }
+inline int team_size(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
 inline vec splat(float a) { return vec{} + a; }
 // n < L: the first n lanes (the rest zero on load, untouched on store).
 inline vec load(const float* p, int64_t n = L) {
@@ -78,7 +79,8 @@ struct Panels {
   int64_t K = 0;
   std::vector<int64_t> widths, first_panel;
 
-  Panels(const at::Tensor& b, std::vector<int64_t> block_widths) : widths(std::move(block_widths)) {
+  Panels(const at::Tensor& b, std::vector<int64_t> block_widths, int threads)
+      : widths(std::move(block_widths)) {
     K = b.size(0);
     int64_t panels = 0;
     for (int64_t w : widths) {
@@ -88,18 +90,23 @@ struct Panels {
     data = at::zeros({panels, K, L}, b.options());
     auto src = b.accessor<float, 2>();
     float* dst = data.data_ptr<float>();
+    const bool by_column = b.stride(0) == 1;  // read along the rows of a transposed weight
     int64_t column = 0;
     for (size_t block = 0; block < widths.size(); ++block) {
-      float* first = dst + first_panel[block] * K * L;
-      auto at = [&](int64_t k, int64_t n) -> float& { return first[(n / L * K + k) * L + n % L]; };
-      if (b.stride(0) == 1) {  // read along columns of B (rows of the weight)
-        for (int64_t n = 0; n < widths[block]; ++n)
-          for (int64_t k = 0; k < K; ++k) at(k, n) = src[k][column + n];
-      } else {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t n = 0; n < widths[block]; ++n) at(k, n) = src[k][column + n];
+      const int64_t width = widths[block];
+#pragma omp parallel for num_threads(threads) if (K * width >= (1 << 16))
+      for (int64_t q = 0; q < round_up(width) / L; ++q) {
+        float* panel = dst + (first_panel[block] + q) * K * L;
+        const int64_t n0 = q * L, n1 = std::min(width, n0 + L);
+        if (by_column) {
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t k = 0; k < K; ++k) panel[k * L + n - n0] = src[k][column + n];
+        } else {
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t n = n0; n < n1; ++n) panel[k * L + n - n0] = src[k][column + n];
+        }
       }
-      column += widths[block];
+      column += width;
     }
   }
   int64_t panels() const { return data.size(0); }
@@ -243,7 +250,7 @@ struct RoundMaps {
 
 std::vector<RoundMaps> round_maps(at::TensorList weights, c10::IntArrayRef factors,
                                   const c10::List<std::optional<at::Tensor>>& biases,
-                                  bool backward) {
+                                  bool backward, int threads) {
   std::vector<RoundMaps> maps;
   size_t next = 0;
   for (size_t j = 0; j < factors.size(); ++j) {
@@ -251,10 +258,11 @@ std::vector<RoundMaps> round_maps(at::TensorList weights, c10::IntArrayRef facto
     std::vector<at::Tensor> f(weights.begin() + next, weights.begin() + next + factors[j]);
     next += factors[j];
     if (backward) {  // dz -> dz W: dense [W (out, in)], low rank [A (out, k), B (k, in)]
-      for (const auto& w : f) m.products.emplace_back(w, std::vector<int64_t>{w.size(1)});
+      for (const auto& w : f)
+        m.products.emplace_back(w, std::vector<int64_t>{w.size(1)}, threads);
     } else {  // u -> u W^T: dense [W^T], low rank [B^T then A^T]
       for (auto it = f.rbegin(); it != f.rend(); ++it)
-        m.products.emplace_back(it->t(), std::vector<int64_t>{it->size(0)});
+        m.products.emplace_back(it->t(), std::vector<int64_t>{it->size(0)}, threads);
     }
     const std::optional<at::Tensor> bias = biases.get(j);
     if (bias.has_value()) m.bias = bias->data_ptr<float>();
@@ -262,8 +270,6 @@ std::vector<RoundMaps> round_maps(at::TensorList weights, c10::IntArrayRef facto
   }
   return maps;
 }
-
-int team_size(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
 
 }  // namespace
 
@@ -281,8 +287,9 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
   const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
   const int64_t rounds = static_cast<int64_t>(factors.size());
   const States state(x, h0, output, xh, states, rounds, keep);
-  const std::vector<RoundMaps> maps = round_maps(weights, factors, biases, false);
-  const Panels gates(gate_weight.t(), {H, H, H, H});
+  const std::vector<RoundMaps> maps =
+      round_maps(weights, factors, biases, false, team_size(threads));
+  const Panels gates(gate_weight.t(), {H, H, H, H}, team_size(threads));
   const float* gate_b = gate_bias.has_value() ? gate_bias->data_ptr<float>() : nullptr;
   std::vector<Sequence> sig_seq, inner_seq(rounds);
   for (int64_t j = 0; j < rounds; ++j) {
@@ -407,8 +414,9 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
   const States state(x, h0, output, xh, states, rounds, true);
   c10::List<std::optional<at::Tensor>> no_biases;
   for (int64_t j = 0; j < rounds; ++j) no_biases.push_back(std::nullopt);
-  const std::vector<RoundMaps> maps = round_maps(weights, factors, no_biases, true);
-  const Panels gates(gate_weight, {I, H});
+  const std::vector<RoundMaps> maps =
+      round_maps(weights, factors, no_biases, true, team_size(threads));
+  const Panels gates(gate_weight, {I, H}, team_size(threads));
   const int64_t ip = round_up(I);
   // The gradient of each state u_s (s = 0 .. r) within a step, padded to whole panels.
   std::vector<at::Tensor> grad_state_t;
