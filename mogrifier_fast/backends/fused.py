@@ -183,42 +183,47 @@ def _unflatten(
 class _Round:
     """Round j's map: z = u_{j-1} (c·W)^T + b with c = 2^{d_{j-1}}, dense or low rank (W = A B,
     run as two thin products through an inner (B, k) value kept per step for the weight
-    gradients). ``scaled`` holds (c·W,) or (A, c·B); ``linears`` the products prepared for the
-    forward, or for the backward, on first use (the C++ loops take ``scaled`` instead)."""
+    gradients). ``scaled`` holds (c·W,) or (A, c·B); the products of the forward and of the
+    backward are prepared from it on first use (the C++ loops take ``scaled`` itself)."""
 
     def __init__(
-        self,
-        factors: tuple[Tensor, ...],
-        bias: Tensor | None,
-        scale: float,
-        rows: int,
-        backward: bool,
+        self, factors: tuple[Tensor, ...], bias: Tensor | None, scale: float, rows: int
     ) -> None:
-        self.scale, self.bias, self.rows, self.for_backward = scale, bias, rows, backward
+        self.scale, self.bias, self.rows = scale, bias, rows
         self.low_rank = len(factors) == 2
         self.scaled = (*factors[:-1], factors[-1] * scale)  # the scale acts on the map's input
 
+    @property
+    def rank(self) -> int | None:
+        return self.scaled[0].shape[1] if self.low_rank else None
+
     @functools.cached_property
-    def linears(self) -> list[_Linear]:
+    def forward_products(self) -> list[_Linear]:
+        """u -> u (c·W)^T + b, or u (c·B)^T then that A^T + b."""
         scaled, rows = self.scaled, self.rows
-        if self.for_backward:  # dz -> dz (c·W), or dz A then (dz A)(c·B)
-            return [_Linear(f.t(), None, rows) for f in scaled]
         if self.low_rank:
             return [_Linear(scaled[1], None, rows), _Linear(scaled[0], self.bias, rows)]
         return [_Linear(scaled[0], self.bias, rows)]
 
+    @functools.cached_property
+    def backward_products(self) -> list[_Linear]:
+        """dz -> dz (c·W), or dz A then (dz A)(c·B)."""
+        return [_Linear(f.t(), None, self.rows) for f in self.scaled]
+
     def forward(self, u: Tensor, inner: Tensor | None, out: Tensor) -> Tensor:
         """σ(z) (B, out) for the map input u (B, in), into ``out``; a low-rank map's inner
         value into ``inner``."""
+        products = self.forward_products
         if self.low_rank:
-            return self.linears[1](self.linears[0](u, inner), out=out, sigmoid=True)
-        return self.linears[0](u, out=out, sigmoid=True)
+            return products[1](products[0](u, inner), out=out, sigmoid=True)
+        return products[0](u, out=out, sigmoid=True)
 
     def backward(self, dz: Tensor, du: Tensor, inner_grad: Tensor | None) -> Tensor:
         """du + dz (c·W): the gradient of the map's input with this round's part added."""
+        products = self.backward_products
         if self.low_rank:
-            return self.linears[1].accumulate(self.linears[0](dz, inner_grad), du)
-        return self.linears[0].accumulate(dz, du)
+            return products[1].accumulate(products[0](dz, inner_grad), du)
+        return products[0].accumulate(dz, du)
 
     def weight_grads(
         self, dz: Tensor, u: Tensor, inner: Tensor | None, inner_grad: Tensor | None
@@ -230,51 +235,50 @@ class _Round:
 
 
 class _Weights:
-    """One call's weights prepared for the time loop, for the forward or the backward products.
+    """One call's weights folded for the time loops, forward and backward (kept from the
+    forward for the backward, so they are folded once per training call).
 
     Gate weights get the final states' scales folded into their columns and the g rows doubled
     (tanh(g) = 2σ(2g) − 1), as one (4H, I+H) matrix for the concatenated [x, h]."""
 
-    def __init__(
-        self, structure: _Structure, flat: tuple, rows: int, backward: bool = False
-    ) -> None:
+    def __init__(self, structure: _Structure, flat: tuple, rows: int) -> None:
         s, big_h = structure, structure.hidden_size
         (w_ih, w_hh, b_ih, b_hh), maps = _unflatten(s, flat)
         x_final, h_final = s.final_states()
         self.column_scales = (2.0 ** s.doublings(x_final), 2.0 ** s.doublings(h_final))
         self.g_rows = slice(2 * big_h, 3 * big_h)
-        self.rows, self.for_backward = rows, backward
+        self.rows = rows
         self.gate_weight = torch.cat(
             [w_ih * self.column_scales[0], w_hh * self.column_scales[1]], dim=1
         )
         self.gate_weight[self.g_rows] *= 2
         self.gate_bias = None
-        if s.lstm_bias and not backward:
+        if s.lstm_bias:
             self.gate_bias = b_ih + b_hh
             self.gate_bias[self.g_rows] *= 2
         self.rounds = [
-            _Round(*maps[m], 2.0 ** s.doublings(j - 1), rows, backward)
+            _Round(*maps[m], 2.0 ** s.doublings(j - 1), rows)
             for j, m in enumerate(s.map_of_round, start=1)
         ]
 
     @functools.cached_property
     def gates(self) -> _Linear:
-        """The gate product [x, h] -> pre-activations, or its backward d_pre -> d[x, h]."""
-        if self.for_backward:
-            return _Linear(self.gate_weight.t(), None, self.rows)
+        """The gate product [x, h] -> pre-activations."""
         return _Linear(self.gate_weight, self.gate_bias, self.rows)
+
+    @functools.cached_property
+    def gates_backward(self) -> _Linear:
+        """Its backward: d_pre -> d[x, h]."""
+        return _Linear(self.gate_weight.t(), None, self.rows)
+
+    @property
+    def ranks(self) -> list[int | None]:
+        """Rank k of each round's map (None when dense)."""
+        return [round_.rank for round_ in self.rounds]
 
     def native_args(self) -> tuple[list[Tensor], list[int]]:
         """The rounds' scaled factors as one list, and how many belong to each round."""
         return [f for r in self.rounds for f in r.scaled], [len(r.scaled) for r in self.rounds]
-
-
-def _ranks(structure: _Structure, flat: tuple) -> list[int | None]:
-    """Rank k of each round's map (None when dense)."""
-    _, maps = _unflatten(structure, flat)
-    return [
-        maps[m][0][0].shape[1] if structure.low_rank[m] else None for m in structure.map_of_round
-    ]
 
 
 @dataclass
@@ -343,7 +347,7 @@ class _Saved:
 
 
 def _forward(
-    structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, flat: tuple, keep: bool = True
+    structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, weights: _Weights, keep: bool = True
 ) -> tuple[Tensor, Tensor, _Saved]:
     """Run the whole sequence. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), c_T, saved.
 
@@ -351,8 +355,7 @@ def _forward(
     state buffers, so memory does not grow with T beyond the output."""
     s, steps, rows, r = structure, x.shape[0], x.shape[1], structure.rounds
     big_i, big_h = s.input_size, s.hidden_size
-    weights = _Weights(s, flat, rows)
-    saved = _Saved.empty(s, _ranks(s, flat), x, keep)
+    saved = _Saved.empty(s, weights.ranks, x, keep)
     output = x.new_empty(steps, rows, big_h)
     if fused_chain.usable(x):
         c_last = x.new_empty(rows, big_h)
@@ -455,7 +458,7 @@ def _backward_chain(
     dz = [t.unbind(0) for t in grad_z]
     dinners = [None if t is None else t.unbind(0) for t in grad_inners]
     grad_x_steps = grad_x.unbind(0)
-    mul, gates = torch.mul, weights.gates
+    mul, gates = torch.mul, weights.gates_backward
     chunk = max(1, CHUNK_BYTES // (rows * 4 * big_h * x.element_size()))
     dh = grad_output[-1] + grad_h
     dc2 = grad_c / 2  # the gradient of the doubled cell
@@ -519,7 +522,7 @@ def _backward_chain(
 
 def _backward(
     structure: _Structure,
-    flat: tuple,
+    weights: _Weights,
     x: Tensor,
     h0: Tensor,
     output: Tensor,
@@ -531,7 +534,6 @@ def _backward(
     """Gradients of x, h0, c0 and of the flat weights, from those of output, h_T and c_T."""
     s, steps, rows, r = structure, grad_output.shape[0], grad_output.shape[1], structure.rounds
     big_i, big_h = s.input_size, s.hidden_size
-    weights = _Weights(s, flat, rows, backward=True)
     grad_x = torch.empty_like(x)
     grad_z = [x.new_empty(steps, rows, s.size(j)) for j in range(1, r + 1)]
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
@@ -609,22 +611,24 @@ class _FusedSequence(torch.autograd.Function):
     def forward(
         ctx, structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, *flat: Tensor | None
     ):
-        output, c_last, saved = _forward(structure, x, h0, c0, flat)
-        ctx.structure, ctx.weight_slots = structure, [t is not None for t in flat]
-        weights = [t for t in flat if t is not None]
-        ctx.save_for_backward(x, h0, output, *weights, *saved.tensors())
+        weights = _Weights(structure, flat, x.shape[1])
+        output, c_last, saved = _forward(structure, x, h0, c0, weights)
+        ctx.structure, ctx.weights = structure, weights
+        # The parameters are saved only so that autograd refuses a backward after they were
+        # changed in place (the folded copies in ctx.weights would hide that).
+        params = [t for t in flat if t is not None]
+        ctx.save_for_backward(x, h0, output, *params, *saved.tensors())
+        ctx.param_count = len(params)
         return output, output[-1].clone(), c_last
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
         refuse_double_backward("fused")
-        structure = ctx.structure
+        structure, weights = ctx.structure, ctx.weights
         x, h0, output, *rest = ctx.saved_tensors
-        present = iter(rest)
-        flat = tuple(next(present) if slot else None for slot in ctx.weight_slots)
-        saved = _Saved.from_tensors(structure, _ranks(structure, flat), tuple(present))
+        saved = _Saved.from_tensors(structure, weights.ranks, tuple(rest[ctx.param_count :]))
         grad_x, grad_h0, grad_c0, grads = _backward(
-            structure, flat, x, h0, output, saved, grad_output.contiguous(), grad_h, grad_c
+            structure, weights, x, h0, output, saved, grad_output.contiguous(), grad_h, grad_c
         )
         return None, grad_x, grad_h0, grad_c0, *grads
 
@@ -640,7 +644,8 @@ def run_fused(
     if needs_backward(x, h0, c0, *flat):
         return _FusedSequence.apply(structure, x, h0, c0, *flat)
     with torch.no_grad():
-        output, c_last, _ = _forward(structure, x, h0, c0, tuple(flat), keep=False)
+        weights = _Weights(structure, tuple(flat), x.shape[1])
+        output, c_last, _ = _forward(structure, x, h0, c0, weights, keep=False)
         return output, output[-1].clone(), c_last
 
 
