@@ -11,7 +11,7 @@ import torch
 
 import mogrifier_fast as mf
 from mogrifier_fast.backends import fused, fused_chain, resolve
-from tests.helpers import Case, random_cases, run_and_grad
+from tests.helpers import Case, random_cases, rel_err, run_and_grad
 from tests.test_backends import (
     FEATURE_CASES,
     check_against_oracle,
@@ -96,6 +96,21 @@ def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> N
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("rows", "m", "n"), [(1, 3, 5), (300, 37, 13), (257, 16, 32), (40, 9, 84)])
+def test_cpp_weight_gradient_product(rows: int, m: int, n: int, threads: int) -> None:
+    """scale · a^T b over all rows, b read in place as a view that ends where its storage does
+    (a width that is not a multiple of 16 must not read past it), against float64 torch."""
+    if not fused_chain.usable(torch.zeros(1)):
+        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+    a = torch.randn(rows, m)
+    b = torch.randn(rows, n + 7)[:, 7:]  # rows n + 7 apart, the last one at the end
+    got = torch.ops.mogrifier_fast.rows_product(a, b, 0.25, threads)
+    want = 0.25 * a.double().t() @ b.double()
+    assert got.shape == (m, n)
+    assert rel_err(got.double(), want) <= 1e-6
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog) -> None:

@@ -87,7 +87,7 @@ struct Panels {
       first_panel.push_back(panels);
       panels += round_up(w) / L;
     }
-    data = at::zeros({panels, K, L}, b.options());
+    data = at::empty({panels, K, L}, b.options());
     auto src = b.accessor<float, 2>();
     float* dst = data.data_ptr<float>();
     const bool by_column = b.stride(0) == 1;  // read along the rows of a transposed weight
@@ -105,6 +105,9 @@ struct Panels {
           for (int64_t k = 0; k < K; ++k)
             for (int64_t n = n0; n < n1; ++n) panel[k * L + n - n0] = src[k][column + n];
         }
+        if (n1 - n0 < L)  // the block's last panel: zeros past its width
+          for (int64_t k = 0; k < K; ++k)
+            std::fill(panel + k * L + (n1 - n0), panel + (k + 1) * L, 0.0f);
       }
       column += width;
     }
@@ -538,30 +541,38 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
 
 // scale · A^T B summed over all R rows: A (R, m), B (R, n), each row contiguous -> (m, n). A
 // weight gradient, read in place: each thread owns row tiles of the result and runs over R in
-// blocks that keep a block of B's vectors in L1.
+// blocks that keep a block of B's vectors in L1. When n is not a multiple of L, a row's last
+// vector reads past its end (into the next row; those columns of C are dropped), so B's last
+// row is taken from a zero-padded copy instead, and no read passes the end of B.
 at::Tensor rows_product(const at::Tensor& a, const at::Tensor& b, double scale, int64_t threads) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "rows_product: shapes ",
               a.sizes(), " and ", b.sizes());
   TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1, "rows_product: rows must be contiguous");
   const int64_t R = a.size(0), m = a.size(1), n = b.size(1), width = round_up(n);
-  at::Tensor b_rows = b;
-  if (width != n) {  // vectors past the end of a row would be read: pad a copy
-    b_rows = at::zeros({R, width}, b.options());
-    b_rows.narrow(1, 0, n).copy_(b);
+  const int64_t in_place = width == n ? R : R - 1;  // rows of B read where they are
+  at::Tensor last_row;
+  if (in_place < R) {
+    last_row = at::zeros({width}, b.options());
+    last_row.narrow(0, 0, n).copy_(b[R - 1]);
   }
   at::Tensor c = at::empty({m, width}, a.options());
+  const float* const last = in_place < R ? last_row.data_ptr<float>() : nullptr;
   const float* const a_data = a.data_ptr<float>();
-  const float* const b_data = b_rows.data_ptr<float>();
+  const float* const b_data = b.data_ptr<float>();
   float* const c_data = c.data_ptr<float>();
-  const int64_t lda = a.stride(0), ldb = b_rows.stride(0), block = 256;
+  const int64_t lda = a.stride(0), ldb = b.stride(0), block = 256;
 #pragma omp parallel num_threads(team_size(threads))
   {
     const Share share((m + 7) / 8, omp_get_thread_num(), omp_get_num_threads());
     const int64_t i0 = share.begin * 8, i1 = std::min(share.end * 8, m);
-    for (int64_t k0 = 0; k0 < R && i0 < i1; k0 += block) {
+    for (int64_t k0 = 0; k0 < in_place && i0 < i1; k0 += block) {
       const Operands o{a_data + k0 * lda + i0, 1, lda, b_data + k0 * ldb, ldb, L,
-                       std::min(block, R - k0)};
+                       std::min(block, in_place - k0)};
       tiles(o, i1 - i0, 0, width / L, c_data + i0 * width, width, k0 > 0);
+    }
+    if (in_place < R && i0 < i1) {
+      const Operands o{a_data + in_place * lda + i0, 1, lda, last, 0, L, 1};
+      tiles(o, i1 - i0, 0, width / L, c_data + i0 * width, width, in_place > 0);
     }
   }
   if (scale != 1.0) c.mul_(scale);
