@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sysconfig
 
 import pytest
 import torch
@@ -111,6 +112,19 @@ def test_cpp_weight_gradient_product(rows: int, m: int, n: int, threads: int) ->
     want = 0.25 * a.double().t() @ b.double()
     assert got.shape == (m, n)
     assert rel_err(got.double(), want) <= 1e-6
+
+
+def test_ninja_found_among_this_interpreters_scripts(monkeypatch, tmp_path) -> None:
+    """In a virtual environment that was not activated, the ninja package's binary is not on
+    PATH; the build looks for it beside the interpreter's other scripts."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "ninja").write_text("#!/bin/sh\n")
+    (scripts / "ninja").chmod(0o755)
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+    fused_chain._ninja_on_path()
+    assert shutil.which("ninja") == str(scripts / "ninja")
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog) -> None:

@@ -1,6 +1,6 @@
 """The C++ time loops of backend ``"fused"`` (``mogrifier_fast/csrc/fused_chain.cpp``).
 
-Built with the system's C++ compiler on first use (about a minute, then cached by
+Built with the system's C++ compiler and ninja on first use (about 10 s, then cached by
 ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) for this machine's vector
 instructions, and used for float32 on CPU. Where it cannot be built, ``"fused"`` runs its Python
 loops (the same results; slower), after one logged warning. ``MOGRIFIER_NATIVE=0`` turns it off.
@@ -13,6 +13,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -36,6 +38,15 @@ def _machine_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package (a dependency) puts it among this
+    interpreter's scripts, which are not on PATH in a virtual environment that was not
+    activated: add that directory at its end."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), scripts])
+
+
 @functools.cache
 def unavailable_reason() -> str | None:
     """None once the C++ loops are built and loaded here, else why they are not."""
@@ -44,6 +55,7 @@ def unavailable_reason() -> str | None:
     try:
         from torch.utils import cpp_extension
 
+        _ninja_on_path()
         cpp_extension.load(
             name=f"mogrifier_fast_chain_{_machine_tag()}",
             sources=[str(SOURCE)],
