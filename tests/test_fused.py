@@ -70,27 +70,39 @@ NATIVE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+# (threads, split_rows): columns shared by 1-3 threads, or rows split over 2-3.
+PLANS = [(1, False), (2, False), (3, False), (2, True), (3, True)]
+
+
+def force_plan(monkeypatch, threads: int, split_rows: bool) -> None:
+    monkeypatch.setattr(fused_chain, "plan", lambda *sizes: (threads, split_rows))
+    monkeypatch.setattr(fused_chain, "threads_for", lambda macs: threads)
+
+
+@pytest.mark.parametrize(("threads", "split_rows"), PLANS, ids=lambda p: str(p))
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: c.name)
-def test_cpp_loops_on_any_number_of_threads(monkeypatch, case: Case, threads: int) -> None:
-    """Every product's columns split over a team (some threads get none: barriers still meet);
-    training and the no_grad path that keeps one block of buffers."""
+def test_cpp_loops_on_any_number_of_threads(
+    monkeypatch, case: Case, threads: int, split_rows: bool
+) -> None:
+    """Every product's columns split over a team, or the batch rows (some threads get no
+    columns, or no rows: barriers still meet); training and the no_grad path that keeps one
+    block of buffers."""
     if not fused_chain.usable(torch.zeros(1)):
         pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
-    monkeypatch.setattr(fused_chain, "threads_for", lambda macs: threads)
+    force_plan(monkeypatch, threads, split_rows)
     check_against_oracle("fused", case, torch.float32)
     check_inference_against_oracle("fused", case, torch.float32)
 
 
 def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> None:
     """Each output element is computed by one thread in a fixed order: no dependence on the
-    team size (torch.set_num_threads), forward or backward."""
+    team size (torch.set_num_threads) or on how work is split, forward or backward."""
     if not fused_chain.usable(torch.zeros(1)):
         pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
     case = Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19)
     results = []
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(fused_chain, "threads_for", lambda macs, n=threads: n)
+    for threads, split_rows in PLANS:
+        force_plan(monkeypatch, threads, split_rows)
         layer, x, hx = case.build(dtype=torch.float32, backend="fused", device="cpu")
         outputs, gradients = run_and_grad(layer, x, hx)
         results.append([*outputs, *gradients])

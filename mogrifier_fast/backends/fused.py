@@ -280,6 +280,12 @@ class _Weights:
         """The rounds' scaled factors as one list, and how many belong to each round."""
         return [f for r in self.rounds for f in r.scaled], [len(r.scaled) for r in self.rounds]
 
+    def native_plan(self) -> tuple[int, bool]:
+        """(threads, split_rows) for the C++ loops."""
+        matrices = [self.gate_weight, *(f for r in self.rounds for f in r.scaled)]
+        weight_bytes = sum(m.numel() * m.element_size() for m in matrices)
+        return fused_chain.plan(self.rows, self.gate_weight.numel() * self.rows, weight_bytes)
+
 
 @dataclass
 class _Saved:
@@ -378,7 +384,7 @@ def _forward(
             saved.tanh_c,
             saved.cells2,
             keep,
-            fused_chain.threads_for(rows * (big_i + big_h) * 4 * big_h),
+            *weights.native_plan(),
         )
         return output, c_last, saved
 
@@ -563,7 +569,7 @@ def _backward(
             grad_act.view(steps, rows, -1),
             grad_z,
             grad_inners,
-            fused_chain.threads_for(rows * (big_i + big_h) * 4 * big_h),
+            *weights.native_plan(),
         )
     else:
         grad_h0, grad_c0 = _backward_chain(

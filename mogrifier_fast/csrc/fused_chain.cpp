@@ -198,6 +198,43 @@ struct Share {
   int64_t begin, end;
   Share(int64_t n, int thread, int threads)
       : begin(n * thread / threads), end(n * (thread + 1) / threads) {}
+  Share(int64_t begin_, int64_t end_) : begin(begin_), end(end_) {}
+};
+
+// A thread's part of the time loops. Split by columns, every thread takes all rows and a share of
+// each product's columns, with a barrier between dependent phases. Split by rows (blocks of 8),
+// each thread runs the whole recurrence on its own rows, which never mix: no barrier at all, but
+// every thread reads all the weights each step (fast while they stay in its core's cache).
+struct Part {
+  int64_t row_begin = 0, row_end = 0;
+  int thread = 0, team = 1;
+
+  Part(int64_t rows, bool split_rows) {
+    const int id = omp_get_thread_num(), size = omp_get_num_threads();
+    if (split_rows) {
+      const Share tiles((rows + 7) / 8, id, size);
+      row_begin = std::min(tiles.begin * 8, rows);
+      row_end = std::min(tiles.end * 8, rows);
+    } else {
+      row_end = rows;
+      thread = id;
+      team = size;
+    }
+  }
+  int64_t rows() const { return row_end - row_begin; }
+  // This thread's share of n column panels (or units).
+  Share columns(int64_t n) const { return Share(n, thread, team); }
+  // This thread's share of the rows for work split by rows within a phase.
+  Share own_rows() const {
+    const Share share(rows(), thread, team);
+    return {row_begin + share.begin, row_begin + share.end};
+  }
+  // Wait for the threads that share this thread's rows.
+  void sync() const {
+    if (team > 1) {
+#pragma omp barrier
+    }
+  }
 };
 
 // A (T, B, width) tensor whose last dimension is contiguous; step 0 when one block serves every
@@ -286,7 +323,7 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
                    at::TensorList states, const c10::List<std::optional<at::Tensor>>& inners,
                    at::TensorList sig, const at::Tensor& act, const at::Tensor& tanh_g2,
                    const at::Tensor& tanh_c, const at::Tensor& cells2, bool keep,
-                   int64_t threads) {
+                   int64_t threads, bool split_rows) {
   const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
   const int64_t rounds = static_cast<int64_t>(factors.size());
   const States state(x, h0, output, xh, states, rounds, keep);
@@ -314,42 +351,45 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
 
 #pragma omp parallel num_threads(team_size(threads))
   {
-    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    const Part part(rows, split_rows);
+    const int64_t r0 = part.row_begin, r1 = part.row_end;
+    float* const c_rows = scratch + r0 * scratch_width;
     for (int64_t t = 0; t < steps; ++t) {
       // With fewer than two rounds, x or h_{t-1} enter the gate product unchanged: copied in.
       if (state.x_final == -1 || (state.h_final == 0 && t > 0)) {
-        const Share share(rows, thread, team);
+        const Share share = part.own_rows();
         for (int64_t b = share.begin; b < share.end; ++b) {
           if (state.x_final == -1)
             std::memcpy(state.xh.at(t, b), state.x.at(t, b), I * sizeof(float));
           if (state.h_final == 0 && t > 0)
             std::memcpy(state.xh.at(t, b) + I, state.output.at(t - 1, b), H * sizeof(float));
         }
-#pragma omp barrier
+        part.sync();
       }
       for (int64_t j = 1; j <= rounds; ++j) {
         const RoundMaps& m = maps[j - 1];
-        const float* in = state.at(j - 1, t, 0);
+        const float* in = state.at(j - 1, t, r0);
         int64_t lda = state.ld(j - 1, t);
         if (m.products.size() == 2) {  // low rank: the inner value first
           const Panels& inner_map = m.products[0];
-          const Share share(inner_map.panels(), thread, team);
-          gemm(in, lda, rows, inner_map, share.begin, share.end, scratch, scratch_width, false);
+          const Share share = part.columns(inner_map.panels());
+          gemm(in, lda, part.rows(), inner_map, share.begin, share.end, c_rows, scratch_width,
+               false);
           const int64_t k = inner_map.widths[0];
           const int64_t c1 = std::min(share.end * L, k);
-          for (int64_t b = 0; b < rows; ++b)
+          for (int64_t b = r0; b < r1; ++b)
             for (int64_t c = share.begin * L; c < c1; c += L)
               store(inner_seq[j - 1].at(t, b) + c, load(scratch + b * scratch_width + c),
                     std::min(L, c1 - c));
-#pragma omp barrier
-          in = inner_seq[j - 1].at(t, 0);
+          part.sync();
+          in = inner_seq[j - 1].at(t, r0);
           lda = inner_seq[j - 1].row;
         }
         const Panels& out_map = m.products.back();
-        const Share share(out_map.panels(), thread, team);
-        gemm(in, lda, rows, out_map, share.begin, share.end, scratch, scratch_width, false);
+        const Share share = part.columns(out_map.panels());
+        gemm(in, lda, part.rows(), out_map, share.begin, share.end, c_rows, scratch_width, false);
         const int64_t c1 = std::min(share.end * L, out_map.widths[0]);
-        for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t b = r0; b < r1; ++b) {
           const float* gated = state.at(j - 2, t, b);
           float* u = state.at(j, t, b);
           float* s_out = sig_seq[j - 1].at(t, b);
@@ -362,16 +402,16 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
             store(u + c, s * load(gated + c, n), n);
           }
         }
-#pragma omp barrier
+        part.sync();
       }
       // Gates: this thread's hidden units, all four gates of each.
-      const Share share(hp, thread, team);
+      const Share share = part.columns(hp);
       for (int64_t g = 0; g < 4; ++g)
-        gemm(state.xh.at(t, 0), state.xh.row, rows, gates, g * hp + share.begin,
-             g * hp + share.end, scratch, scratch_width, false);
+        gemm(state.xh.at(t, r0), state.xh.row, part.rows(), gates, g * hp + share.begin,
+             g * hp + share.end, c_rows, scratch_width, false);
       const int64_t u1 = std::min(share.end * L, H);
       const int64_t cell_in = keep ? t : t % 2, cell_out = keep ? t + 1 : (t + 1) % 2;
-      for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t b = r0; b < r1; ++b) {
         const float* pre = scratch + b * scratch_width;
         float* a_out = act_s.at(t, b);
         for (int64_t u = share.begin * L; u < u1; u += L) {
@@ -393,7 +433,7 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
           store(state.output.at(t, b) + u, h, n);
         }
       }
-#pragma omp barrier
+      part.sync();
     }
   }
   c_last.copy_(cells2[last_cell] / 2);
@@ -411,7 +451,8 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
                     const at::Tensor& grad_x, const at::Tensor& grad_h0,
                     const at::Tensor& grad_c0, const at::Tensor& grad_act,
                     at::TensorList grad_z,
-                    const c10::List<std::optional<at::Tensor>>& grad_inners, int64_t threads) {
+                    const c10::List<std::optional<at::Tensor>>& grad_inners, int64_t threads,
+                    bool split_rows) {
   const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
   const int64_t rounds = static_cast<int64_t>(factors.size());
   const States state(x, h0, output, xh, states, rounds, true);
@@ -453,12 +494,14 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
 
 #pragma omp parallel num_threads(team_size(threads))
   {
-    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    const Share units(hp, thread, team);
+    const Part part(rows, split_rows);
+    const int64_t r0 = part.row_begin, r1 = part.row_end;
+    float* const c_rows = scratch + r0 * scratch_width;
+    const Share units = part.columns(hp);
     const int64_t u1 = std::min(units.end * L, H);
     for (int64_t t = steps - 1; t >= 0; --t) {
       // Through the cell and the gates' sigmoids: this thread's hidden units.
-      for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t b = r0; b < r1; ++b) {
         const float* dh_next = t == steps - 1 ? dh_last + b * H : grad_state[0] + b * h_width;
         const float* a_in = act_s.at(t, b);
         float* d_pre = dact.at(t, b);
@@ -476,12 +519,12 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
           store(dc2 + b * H + u, dc * af, n);
         }
       }
-#pragma omp barrier
+      part.sync();
       {  // [dx, dh] of the gate product, into the two final states' gradients
-        const Share share(gates.panels(), thread, team);
-        gemm(dact.at(t, 0), dact.row, rows, gates, share.begin, share.end, scratch, scratch_width,
-             false);
-        for (int64_t b = 0; b < rows; ++b)
+        const Share share = part.columns(gates.panels());
+        gemm(dact.at(t, r0), dact.row, part.rows(), gates, share.begin, share.end, c_rows,
+             scratch_width, false);
+        for (int64_t b = r0; b < r1; ++b)
           for (int64_t c = share.begin * L; c < share.end * L; c += L) {
             const bool x_half = c < ip;
             const int64_t col = x_half ? c : c - ip, width = x_half ? I : H;
@@ -490,14 +533,14 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
             store(dst + col, load(scratch + b * scratch_width + c), std::min(L, width - col));
           }
       }
-#pragma omp barrier
+      part.sync();
       for (int64_t j = rounds; j >= 1; --j) {
         const RoundMaps& m = maps[j - 1];
         const int64_t width = state.width(j);
         {  // dz_j = du_j σ'(z_j) u_{j-2};  du_{j-2} = du_j σ(z_j)
-          const Share share(round_up(width) / L, thread, team);
+          const Share share = part.columns(round_up(width) / L);
           const int64_t c1 = std::min(share.end * L, width);
-          for (int64_t b = 0; b < rows; ++b) {
+          for (int64_t b = r0; b < r1; ++b) {
             const float* du = grad_of(j, t, b);
             const float* s_in = sig_seq[j - 1].at(t, b);
             const float* gated = state.at(j - 2, t, b);
@@ -511,27 +554,29 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
             }
           }
         }
-#pragma omp barrier
-        const float* dz = dz_seq[j - 1].at(t, 0);
+        part.sync();
+        const float* dz = dz_seq[j - 1].at(t, r0);
         int64_t lda = dz_seq[j - 1].row;
         if (m.products.size() == 2) {  // low rank: dz A first
           const Panels& first = m.products[0];
-          const Share share(first.panels(), thread, team);
-          gemm(dz, lda, rows, first, share.begin, share.end, scratch, scratch_width, false);
+          const Share share = part.columns(first.panels());
+          gemm(dz, lda, part.rows(), first, share.begin, share.end, c_rows, scratch_width,
+               false);
           const int64_t k = first.widths[0], c1 = std::min(share.end * L, k);
-          for (int64_t b = 0; b < rows; ++b)
+          for (int64_t b = r0; b < r1; ++b)
             for (int64_t c = share.begin * L; c < c1; c += L)
               store(dinner_seq[j - 1].at(t, b) + c, load(scratch + b * scratch_width + c),
                     std::min(L, c1 - c));
-#pragma omp barrier
-          dz = dinner_seq[j - 1].at(t, 0);
+          part.sync();
+          dz = dinner_seq[j - 1].at(t, r0);
           lda = dinner_seq[j - 1].row;
         }
         const Panels& last = m.products.back();
-        const Share share(last.panels(), thread, team);
-        gemm(dz, lda, rows, last, share.begin, share.end, grad_state[j - 1],
-             round_up(state.width(j - 1)), true);
-#pragma omp barrier
+        const Share share = part.columns(last.panels());
+        const int64_t ldg = round_up(state.width(j - 1));
+        gemm(dz, lda, part.rows(), last, share.begin, share.end, grad_state[j - 1] + r0 * ldg,
+             ldg, true);
+        part.sync();
       }
     }
   }
@@ -585,13 +630,13 @@ TORCH_LIBRARY(mogrifier_fast, m) {
       "Tensor?[] biases, Tensor gate_weight, Tensor? gate_bias, Tensor(a!) output, "
       "Tensor(b!) c_last, Tensor(c!) xh, Tensor(d!)[] states, Tensor(e!)?[] inners, "
       "Tensor(f!)[] sig, Tensor(g!) act, Tensor(h!) tanh_g2, Tensor(i!) tanh_c, "
-      "Tensor(j!) cells2, bool keep, int threads) -> ()");
+      "Tensor(j!) cells2, bool keep, int threads, bool split_rows) -> ()");
   m.def(
       "chain_backward(Tensor grad_output, Tensor grad_h, Tensor grad_c, Tensor x, Tensor h0, "
       "Tensor output, Tensor xh, Tensor[] states, Tensor[] sig, Tensor act, Tensor tanh_g2, "
       "Tensor tanh_c, Tensor cells2, Tensor[] weights, int[] factors, Tensor gate_weight, "
       "Tensor(a!) grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_c0, Tensor(d!) grad_act, "
-      "Tensor(e!)[] grad_z, Tensor(f!)?[] grad_inners, int threads) -> ()");
+      "Tensor(e!)[] grad_z, Tensor(f!)?[] grad_inners, int threads, bool split_rows) -> ()");
   m.def("rows_product(Tensor a, Tensor b, float scale, int threads) -> Tensor");
 }
 
