@@ -282,6 +282,23 @@ struct States {
   }
 };
 
+// A low-rank map's first product of this thread's rows, in (rows, lda apart) -> (rows, k): this
+// thread's columns of it stored at step t of `inner`, then a barrier. Returns the whole value's
+// rows (and their distance in lda): the input of the map's second product.
+const float* inner_value(const Part& part, const float* in, int64_t& lda, const Panels& map,
+                         float* scratch, int64_t scratch_width, const Sequence& inner, int64_t t) {
+  const Share share = part.columns(map.panels());
+  gemm(in, lda, part.rows(), map, share.begin, share.end, scratch + part.row_begin * scratch_width,
+       scratch_width, false);
+  const int64_t c1 = std::min(share.end * L, map.widths[0]);
+  for (int64_t b = part.row_begin; b < part.row_end; ++b)
+    for (int64_t c = share.begin * L; c < c1; c += L)
+      store(inner.at(t, b) + c, load(scratch + b * scratch_width + c), std::min(L, c1 - c));
+  part.sync();
+  lda = inner.row;
+  return inner.at(t, part.row_begin);
+}
+
 // Round j's map as products: dense [W], or low rank [B, A] (W = A B), bias on the last.
 struct RoundMaps {
   std::vector<Panels> products;
@@ -370,21 +387,9 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
         const RoundMaps& m = maps[j - 1];
         const float* in = state.at(j - 1, t, r0);
         int64_t lda = state.ld(j - 1, t);
-        if (m.products.size() == 2) {  // low rank: the inner value first
-          const Panels& inner_map = m.products[0];
-          const Share share = part.columns(inner_map.panels());
-          gemm(in, lda, part.rows(), inner_map, share.begin, share.end, c_rows, scratch_width,
-               false);
-          const int64_t k = inner_map.widths[0];
-          const int64_t c1 = std::min(share.end * L, k);
-          for (int64_t b = r0; b < r1; ++b)
-            for (int64_t c = share.begin * L; c < c1; c += L)
-              store(inner_seq[j - 1].at(t, b) + c, load(scratch + b * scratch_width + c),
-                    std::min(L, c1 - c));
-          part.sync();
-          in = inner_seq[j - 1].at(t, r0);
-          lda = inner_seq[j - 1].row;
-        }
+        if (m.products.size() == 2)  // low rank: the inner value first
+          in = inner_value(part, in, lda, m.products[0], scratch, scratch_width,
+                           inner_seq[j - 1], t);
         const Panels& out_map = m.products.back();
         const Share share = part.columns(out_map.panels());
         gemm(in, lda, part.rows(), out_map, share.begin, share.end, c_rows, scratch_width, false);
@@ -557,20 +562,9 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
         part.sync();
         const float* dz = dz_seq[j - 1].at(t, r0);
         int64_t lda = dz_seq[j - 1].row;
-        if (m.products.size() == 2) {  // low rank: dz A first
-          const Panels& first = m.products[0];
-          const Share share = part.columns(first.panels());
-          gemm(dz, lda, part.rows(), first, share.begin, share.end, c_rows, scratch_width,
-               false);
-          const int64_t k = first.widths[0], c1 = std::min(share.end * L, k);
-          for (int64_t b = r0; b < r1; ++b)
-            for (int64_t c = share.begin * L; c < c1; c += L)
-              store(dinner_seq[j - 1].at(t, b) + c, load(scratch + b * scratch_width + c),
-                    std::min(L, c1 - c));
-          part.sync();
-          dz = dinner_seq[j - 1].at(t, r0);
-          lda = dinner_seq[j - 1].row;
-        }
+        if (m.products.size() == 2)  // low rank: dz A first
+          dz = inner_value(part, dz, lda, m.products[0], scratch, scratch_width,
+                           dinner_seq[j - 1], t);
         const Panels& last = m.products.back();
         const Share share = part.columns(last.panels());
         const int64_t ldg = round_up(state.width(j - 1));
