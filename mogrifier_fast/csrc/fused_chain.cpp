@@ -32,7 +32,8 @@ using ivec = int32_t __attribute__((vector_size(64)));
 
 inline int64_t round_up(int64_t n) { return (n + L - 1) / L * L; }
 inline int team_size(int64_t threads) { return static_cast<int>(std::max<int64_t>(1, threads)); }
-inline vec splat(float a) { return vec{} + a; }
+// Every lane a (written out: vec{} + a would add +0.0, which is not free for a = -0.0).
+inline vec splat(float a) { return vec{a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
 // n < L: the first n lanes (the rest zero on load, untouched on store).
 inline vec load(const float* p, int64_t n = L) {
   vec v = {};
