@@ -191,7 +191,8 @@ class _Round:
     ) -> None:
         self.scale, self.bias, self.rows = scale, bias, rows
         self.low_rank = len(factors) == 2
-        self.scaled = (*factors[:-1], factors[-1] * scale)  # the scale acts on the map's input
+        # The scale acts on the map's input (the last factor); round 1's is 1.
+        self.scaled = (*factors[:-1], factors[-1] * scale if scale != 1 else factors[-1])
 
     @property
     def rank(self) -> int | None:
@@ -226,12 +227,18 @@ class _Round:
         return products[0].accumulate(dz, du)
 
     def weight_grads(
-        self, dz: Tensor, u: Tensor, inner: Tensor | None, inner_grad: Tensor | None
-    ) -> list[Tensor]:
-        """Gradients of (factors..., bias) from all R rows at once: dz (R, out), u (R, in)."""
+        self,
+        dz: Tensor,
+        u: Tensor,
+        inner: Tensor | None,
+        inner_grad: Tensor | None,
+        bias_grad: Tensor | None,
+    ) -> list[Tensor | None]:
+        """Gradients of (factors..., bias) from all R rows at once: dz (R, out), u (R, in); the
+        bias's (dz summed over the rows) is given."""
         if self.low_rank:
-            return [_rows_product(dz, inner), _rows_product(inner_grad, u, self.scale), dz.sum(0)]
-        return [_rows_product(dz, u, self.scale), dz.sum(0)]
+            return [_rows_product(dz, inner), _rows_product(inner_grad, u, self.scale), bias_grad]
+        return [_rows_product(dz, u, self.scale), bias_grad]
 
 
 class _Weights:
@@ -280,6 +287,7 @@ class _Weights:
         """The rounds' scaled factors as one list, and how many belong to each round."""
         return [f for r in self.rounds for f in r.scaled], [len(r.scaled) for r in self.rounds]
 
+    @functools.cached_property
     def native_plan(self) -> tuple[int, bool]:
         """(threads, split_rows) for the C++ loops."""
         matrices = [self.gate_weight, *(f for r in self.rounds for f in r.scaled)]
@@ -384,7 +392,7 @@ def _forward(
             saved.tanh_c,
             saved.cells2,
             keep,
-            *weights.native_plan(),
+            *weights.native_plan,
         )
         return output, c_last, saved
 
@@ -541,9 +549,13 @@ def _backward(
     s, steps, rows, r = structure, grad_output.shape[0], grad_output.shape[1], structure.rounds
     big_i, big_h = s.input_size, s.hidden_size
     grad_x = torch.empty_like(x)
-    grad_z = [x.new_empty(steps, rows, s.size(j)) for j in range(1, r + 1)]
+    # The gradients of the gates' pre-activations and of each round's, side by side in one
+    # buffer, so that every bias gradient comes from one sum over the rows.
+    widths = [4 * big_h, *(s.size(j) for j in range(1, r + 1))]
+    pre_grads = x.new_empty(steps, rows, sum(widths))
+    grad_act, *grad_z = pre_grads.split(widths, dim=-1)
+    grad_act = grad_act.unflatten(-1, (4, big_h))
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
-    grad_act = x.new_empty(steps, rows, 4, big_h)  # gradient of the gates' pre-activations
     h_prev = torch.cat([h0[None], output[:-1]]) if r >= 2 else None
     if fused_chain.usable(x):
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(h0)
@@ -566,10 +578,10 @@ def _backward(
             grad_x,
             grad_h0,
             grad_c0,
-            grad_act.view(steps, rows, -1),
+            grad_act.flatten(2),
             grad_z,
             grad_inners,
-            *weights.native_plan(),
+            *weights.native_plan,
         )
     else:
         grad_h0, grad_c0 = _backward_chain(
@@ -579,6 +591,9 @@ def _backward(
 
     # Weight gradients: one product each over all T·B rows.
     total = steps * rows
+    bias_grads = [None] * (r + 1)
+    if s.lstm_bias or any(s.map_bias):
+        bias_grads = pre_grads.view(total, -1).sum(0).split(widths)
     dp = grad_act.view(total, -1)
     d_gate_weight = _rows_product(dp, saved.xh.view(total, -1))
     d_gate_weight[weights.g_rows] *= 2
@@ -586,7 +601,7 @@ def _backward(
     d_w_hh = d_gate_weight[:, big_i:] * weights.column_scales[1]
     d_bias = None
     if s.lstm_bias:
-        d_bias = dp.sum(0)
+        d_bias = bias_grads[0]
         d_bias[weights.g_rows] *= 2
     map_grads: list[list[Tensor] | None] = [None] * len(s.low_rank)
     for j, m in enumerate(s.map_of_round, start=1):
@@ -595,11 +610,13 @@ def _backward(
         if inner is not None:
             inner, dinner = inner.view(total, -1), dinner.view(total, -1)
         grads = weights.rounds[j - 1].weight_grads(
-            grad_z[j - 1].view(total, -1), u_all, inner, dinner
+            grad_z[j - 1].reshape(total, -1), u_all, inner, dinner, bias_grads[j]
         )
         previous = map_grads[m]
         map_grads[m] = (
-            grads if previous is None else [a + b for a, b in zip(previous, grads, strict=True)]
+            grads
+            if previous is None
+            else [None if a is None else a + b for a, b in zip(previous, grads, strict=True)]
         )
     flat_grads: list[Tensor | None] = [
         d_w_ih,
