@@ -33,9 +33,10 @@ PARALLEL_MACS = 1 << 18
 ROW_SPLIT_MAX_WEIGHT_BYTES = 8 << 20
 
 
-def _machine_tag() -> str:
-    """Distinguishes builds for different CPUs (the code is compiled for the build machine)."""
-    flags = platform.machine()
+def _build_tag() -> str:
+    """Distinguishes builds for different CPUs (the code is compiled for the build machine's
+    instructions) and torch versions (its headers and ABI)."""
+    flags = f"{torch.__version__} {platform.machine()}"
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             flags += next((line for line in cpuinfo if line.startswith("flags")), "")
@@ -63,7 +64,7 @@ def unavailable_reason() -> str | None:
 
         _ninja_on_path()
         cpp_extension.load(
-            name=f"mogrifier_fast_chain_{_machine_tag()}",
+            name=f"mogrifier_fast_chain_{_build_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
