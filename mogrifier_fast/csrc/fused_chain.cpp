@@ -1,4 +1,5 @@
-// The two time loops of the "fused" backend, for float32 on CPU (see backends/fused_chain.py).
+// The two time loops of the "fused" backend and its weight-gradient products, for float32 on
+// CPU (see backends/fused_chain.py).
 //
 // The math and the buffers are those of backends/fused.py: the weights arrive folded there
 // (doublings moved into the weights, g rows doubled), and the loops fill the same saved buffers
@@ -7,11 +8,13 @@
 // * Products by a small register-blocked kernel on weights packed once per call into panels of
 //   16 columns (K x 16 contiguous, zero-padded): 8 rows x 32 columns of accumulators, the
 //   weight read once per row tile. No per-call library overhead, which at these sizes (16-32
-//   rows) costs more than the arithmetic.
+//   rows) costs more than the arithmetic. The same tile forms the weight gradients, reading
+//   both operands in place.
 // * Pointwise work on 16-wide vectors right after the product, on the columns just computed,
 //   by the thread that computed them (sigmoid through a polynomial exp, as accurate as expf).
-// * One OpenMP team for the whole sequence: each product's columns are split across the
-//   threads, with a barrier between dependent phases.
+// * One OpenMP team for the whole sequence (see Part): each thread runs the recurrence on its
+//   own batch rows, with no barrier, or takes a share of each product's columns, with a
+//   barrier between dependent phases.
 //
 // Written with GCC vector extensions, so it compiles to AVX-512, AVX2 or SSE as the machine has.
 
