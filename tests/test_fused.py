@@ -60,6 +60,11 @@ def test_cpp_loops_are_built_where_a_compiler_is() -> None:
     assert not fused_chain.usable(torch.zeros(1, dtype=torch.float64))
 
 
+def skip_without_cpp_loops() -> None:
+    if not fused_chain.usable(torch.zeros(1)):
+        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+
+
 NATIVE_CASES = [
     *PATH_CASES,
     # Rows past the 8-row tile with a tail, widths past one and two panels with tails, a low
@@ -87,8 +92,7 @@ def test_cpp_loops_on_any_number_of_threads(
     """Every product's columns split over a team, or the batch rows (some threads get no
     columns, or no rows: barriers still meet); training and the no_grad path that keeps one
     block of buffers."""
-    if not fused_chain.usable(torch.zeros(1)):
-        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+    skip_without_cpp_loops()
     force_plan(monkeypatch, threads, split_rows)
     check_against_oracle("fused", case, torch.float32)
     check_inference_against_oracle("fused", case, torch.float32)
@@ -97,8 +101,7 @@ def test_cpp_loops_on_any_number_of_threads(
 def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> None:
     """Each output element is computed by one thread in a fixed order: no dependence on the
     team size (torch.set_num_threads) or on how work is split, forward or backward."""
-    if not fused_chain.usable(torch.zeros(1)):
-        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+    skip_without_cpp_loops()
     case = Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19)
     results = []
     for threads, split_rows in PLANS:
@@ -116,8 +119,7 @@ def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> N
 def test_cpp_weight_gradient_product(rows: int, m: int, n: int, threads: int) -> None:
     """scale · a^T b over all rows, b read in place as a view that ends where its storage does
     (a width that is not a multiple of 16 must not read past it), against float64 torch."""
-    if not fused_chain.usable(torch.zeros(1)):
-        pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
+    skip_without_cpp_loops()
     a = torch.randn(rows, m)
     b = torch.randn(rows, n + 7)[:, 7:]  # rows n + 7 apart, the last one at the end
     got = torch.ops.mogrifier_fast.rows_product(a, b, 0.25, threads)

@@ -11,13 +11,15 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
   written straight into their halves of the concatenated [x, h] row block, so the gate product
   is one GEMM; the others live in per-state buffers kept for the backward.
 * **tanh as a scaled sigmoid.** The g-gate rows of the gate weights are doubled, so one sigmoid
-  (fused into the oneDNN GEMM where that is faster) serves all four gates: tanh(g) = 2σ(2g) − 1.
+  serves all four gates: tanh(g) = 2σ(2g) − 1.
 * **Data gradients in the loop, weight gradients after it**: the backward chain carries only
   dh, dc and the round gradients; every weight gradient is one GEMM over all T·B rows.
-* **The fastest GEMM for the shape**: on CPU in float32, oneDNN's linear for per-step products
-  of at least ``ONEDNN_MIN_MACS`` multiply-adds (with the weight packed once per call from
-  ``ONEDNN_PACK_MACS``) and for the weight gradients; ``addmm`` otherwise and on other devices
-  or dtypes (always correct). Under ``no_grad`` nothing is kept for a backward.
+* **Two ways to run the loops, on the same buffers**: in float32 on CPU, the C++ loops of
+  :mod:`mogrifier_fast.backends.fused_chain` (where they build; they also form the weight
+  gradients); otherwise Python loops of torch ops, with oneDNN's linear on CPU in float32 for
+  per-step products of at least ``ONEDNN_MIN_MACS`` multiply-adds (the weight packed once per
+  call from ``ONEDNN_PACK_MACS``) and ``addmm`` elsewhere (always correct). Under ``no_grad``
+  nothing is kept for a backward.
 """
 
 from __future__ import annotations

@@ -270,19 +270,21 @@ struct States {
     for (int64_t s = 1; s + 1 < rounds; ++s) kept[s] = Sequence(states[s - 1], keep);
   }
   int64_t width(int64_t s) const { return s % 2 ? input_size : hidden_size; }
-  // Distance between the rows of state s at step t.
-  int64_t ld(int64_t s, int64_t t) const {
-    if (s == -1) return x.row;
-    if (s == 0) return t == 0 ? h0.row : output.row;
-    if (s == x_final || s == h_final) return xh.row;
-    return kept[s].row;
+  // State s at step t: its first row, and the distance between its rows.
+  struct Rows {
+    float* first;
+    int64_t ld;
+  };
+  Rows rows(int64_t s, int64_t t) const {
+    if (s == -1) return {x.at(t, 0), x.row};
+    if (s == 0) return t == 0 ? Rows{h0.at(0, 0), h0.row} : Rows{output.at(t - 1, 0), output.row};
+    if (s == x_final) return {xh.at(t, 0), xh.row};
+    if (s == h_final) return {xh.at(t, 0) + input_size, xh.row};
+    return {kept[s].at(t, 0), kept[s].row};
   }
   float* at(int64_t s, int64_t t, int64_t b) const {
-    if (s == -1) return x.at(t, b);
-    if (s == 0) return t == 0 ? h0.at(0, b) : output.at(t - 1, b);
-    if (s == x_final) return xh.at(t, b);
-    if (s == h_final) return xh.at(t, b) + input_size;
-    return kept[s].at(t, b);
+    const Rows r = rows(s, t);
+    return r.first + b * r.ld;
   }
 };
 
@@ -309,9 +311,11 @@ struct RoundMaps {
   const float* bias = nullptr;
 };
 
+// The forward's products (with the rounds' biases), or the backward's (biases null).
 std::vector<RoundMaps> round_maps(at::TensorList weights, c10::IntArrayRef factors,
-                                  const c10::List<std::optional<at::Tensor>>& biases,
-                                  bool backward, int threads) {
+                                  const c10::List<std::optional<at::Tensor>>* biases,
+                                  int threads) {
+  const bool backward = biases == nullptr;
   std::vector<RoundMaps> maps;
   size_t next = 0;
   for (size_t j = 0; j < factors.size(); ++j) {
@@ -325,8 +329,10 @@ std::vector<RoundMaps> round_maps(at::TensorList weights, c10::IntArrayRef facto
       for (auto it = f.rbegin(); it != f.rend(); ++it)
         m.products.emplace_back(it->t(), std::vector<int64_t>{it->size(0)}, threads);
     }
-    const std::optional<at::Tensor> bias = biases.get(j);
-    if (bias.has_value()) m.bias = bias->data_ptr<float>();
+    if (!backward) {
+      const std::optional<at::Tensor> bias = biases->get(j);
+      if (bias.has_value()) m.bias = bias->data_ptr<float>();
+    }
     maps.push_back(std::move(m));
   }
   return maps;
@@ -348,8 +354,7 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
   const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
   const int64_t rounds = static_cast<int64_t>(factors.size());
   const States state(x, h0, output, xh, states, rounds, keep);
-  const std::vector<RoundMaps> maps =
-      round_maps(weights, factors, biases, false, team_size(threads));
+  const std::vector<RoundMaps> maps = round_maps(weights, factors, &biases, team_size(threads));
   const Panels gates(gate_weight.t(), {H, H, H, H}, team_size(threads));
   const float* gate_b = gate_bias.has_value() ? gate_bias->data_ptr<float>() : nullptr;
   std::vector<Sequence> sig_seq, inner_seq(rounds);
@@ -390,7 +395,7 @@ void chain_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& 
       for (int64_t j = 1; j <= rounds; ++j) {
         const RoundMaps& m = maps[j - 1];
         const float* in = state.at(j - 1, t, r0);
-        int64_t lda = state.ld(j - 1, t);
+        int64_t lda = state.rows(j - 1, t).ld;
         if (m.products.size() == 2)  // low rank: the inner value first
           in = inner_value(part, in, lda, m.products[0], scratch, scratch_width,
                            inner_seq[j - 1], t);
@@ -465,10 +470,7 @@ void chain_backward(const at::Tensor& grad_output, const at::Tensor& grad_h,
   const int64_t steps = x.size(0), rows = x.size(1), I = x.size(2), H = h0.size(1);
   const int64_t rounds = static_cast<int64_t>(factors.size());
   const States state(x, h0, output, xh, states, rounds, true);
-  c10::List<std::optional<at::Tensor>> no_biases;
-  for (int64_t j = 0; j < rounds; ++j) no_biases.push_back(std::nullopt);
-  const std::vector<RoundMaps> maps =
-      round_maps(weights, factors, no_biases, true, team_size(threads));
+  const std::vector<RoundMaps> maps = round_maps(weights, factors, nullptr, team_size(threads));
   const Panels gates(gate_weight, {I, H}, team_size(threads));
   const int64_t ip = round_up(I);
   // The gradient of each state u_s (s = 0 .. r) within a step, padded to whole panels.
