@@ -65,9 +65,30 @@ def skip_without_cpp_loops() -> None:
         pytest.skip(f"C++ loops not built here: {fused_chain.unavailable_reason()}")
 
 
+def native_variants() -> list:
+    """Every instruction-set variant of the C++ loops this CPU runs, as test parameters (one
+    skipped parameter, with the reason, where the loops are not built)."""
+    if not fused_chain.usable(torch.zeros(1)):
+        reason = f"C++ loops not built here: {fused_chain.unavailable_reason()}"
+        return [pytest.param("none", marks=pytest.mark.skip(reason=reason))]
+    return fused_chain.runnable_isas()
+
+
+VARIANTS = native_variants()
+
+
+def test_every_compiled_variant_is_reported() -> None:
+    """The variants this CPU cannot run are named, so the suite says what it did not test."""
+    skip_without_cpp_loops()
+    runnable, compiled = fused_chain.runnable_isas(), fused_chain.compiled_isas()
+    assert runnable and set(runnable) <= set(compiled) and "generic" in runnable
+    missing = [name for name in compiled if name not in runnable]
+    print(f"variants run here: {runnable}; compiled but not run (CPU lacks them): {missing}")
+
+
 NATIVE_CASES = [
     *PATH_CASES,
-    # Rows past the 8-row tile with a tail, widths past one and two panels with tails, a low
+    # Rows past a register tile with a tail, widths past one and two panels with tails, a low
     # rank past one panel, and a batch of one.
     Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19),
     Case({"input_size": 33, "hidden_size": 16, "rounds": 4}, steps=3, batch=8),
@@ -79,29 +100,51 @@ NATIVE_CASES = [
 PLANS = [(1, False), (2, False), (3, False), (2, True), (3, True)]
 
 
+def force_variant(monkeypatch, isa: str, packed: bool | None = None) -> None:
+    monkeypatch.setattr(fused_chain, "isa", lambda: isa)
+    if packed is not None:  # packed panels from the first step, or weights read in place always
+        monkeypatch.setattr(fused_chain, "PACK_MIN_STEPS", 0 if packed else 1 << 30)
+
+
 def force_plan(monkeypatch, threads: int, split_rows: bool) -> None:
     monkeypatch.setattr(fused_chain, "plan", lambda *sizes: (threads, split_rows))
     monkeypatch.setattr(fused_chain, "threads_for", lambda macs: threads)
 
 
-@pytest.mark.parametrize(("threads", "split_rows"), PLANS, ids=lambda p: str(p))
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "in-place"])
+@pytest.mark.parametrize("isa", VARIANTS)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=lambda c: c.name)
+def test_cpp_loops_match_the_oracle(monkeypatch, case: Case, isa: str, packed: bool) -> None:
+    """Every variant, with packed weights or weights read where they are, training and the
+    no_grad path that keeps one block of buffers."""
+    force_variant(monkeypatch, isa, packed)
+    check_against_oracle("fused", case, torch.float32)
+    check_inference_against_oracle("fused", case, torch.float32)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "in-place"])
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize(("threads", "split_rows"), PLANS, ids=lambda p: str(p))
+@pytest.mark.parametrize("case", NATIVE_CASES[-3:], ids=lambda c: c.name)
 def test_cpp_loops_on_any_number_of_threads(
-    monkeypatch, case: Case, threads: int, split_rows: bool
+    monkeypatch, case: Case, threads: int, split_rows: bool, isa: str, packed: bool
 ) -> None:
     """Every product's columns split over a team, or the batch rows (some threads get no
-    columns, or no rows: barriers still meet); training and the no_grad path that keeps one
-    block of buffers."""
-    skip_without_cpp_loops()
+    columns, or no rows: barriers still meet)."""
+    force_variant(monkeypatch, isa, packed)
     force_plan(monkeypatch, threads, split_rows)
     check_against_oracle("fused", case, torch.float32)
     check_inference_against_oracle("fused", case, torch.float32)
 
 
-def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> None:
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "in-place"])
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(
+    monkeypatch, isa: str, packed: bool
+) -> None:
     """Each output element is computed by one thread in a fixed order: no dependence on the
     team size (torch.set_num_threads) or on how work is split, forward or backward."""
-    skip_without_cpp_loops()
+    force_variant(monkeypatch, isa, packed)
     case = Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19)
     results = []
     for threads, split_rows in PLANS:
@@ -114,18 +157,38 @@ def test_cpp_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch) -> N
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize(("rows", "m", "n"), [(1, 3, 5), (300, 37, 13), (257, 16, 32), (40, 9, 84)])
-def test_cpp_weight_gradient_product(rows: int, m: int, n: int, threads: int) -> None:
+def test_cpp_weight_gradient_product(rows: int, m: int, n: int, threads: int, isa: str) -> None:
     """scale · a^T b over all rows, b read in place as a view that ends where its storage does
-    (a width that is not a multiple of 16 must not read past it), against float64 torch."""
-    skip_without_cpp_loops()
+    (a width that is not a multiple of the vector width must not read past it), against
+    float64 torch."""
     a = torch.randn(rows, m)
     b = torch.randn(rows, n + 7)[:, 7:]  # rows n + 7 apart, the last one at the end
-    got = torch.ops.mogrifier_fast.rows_product(a, b, 0.25, threads)
+    got = torch.ops.mogrifier_fast.rows_product(isa, a, b, 0.25, threads)
     want = 0.25 * a.double().t() @ b.double()
     assert got.shape == (m, n)
     assert rel_err(got.double(), want) <= 1e-6
+
+
+def test_isa_variable_selects_and_refuses(monkeypatch) -> None:
+    """MOGRIFIER_ISA picks a variant this CPU runs; one it cannot run, or an unknown name, is
+    refused with the choices named."""
+    skip_without_cpp_loops()
+    runnable, compiled = fused_chain.runnable_isas(), fused_chain.compiled_isas()
+    monkeypatch.delenv(fused_chain.ISA_VARIABLE, raising=False)
+    assert fused_chain.isa() == runnable[0]
+    monkeypatch.setenv(fused_chain.ISA_VARIABLE, "generic")
+    assert fused_chain.isa() == "generic"
+    monkeypatch.setenv(fused_chain.ISA_VARIABLE, "sse9")
+    with pytest.raises(ValueError, match=r"MOGRIFIER_ISA='sse9': no such variant; expected one of"):
+        fused_chain.isa()
+    for name in compiled:
+        if name not in runnable:
+            monkeypatch.setenv(fused_chain.ISA_VARIABLE, name)
+            with pytest.raises(ValueError, match="this CPU lacks its instructions"):
+                fused_chain.isa()
 
 
 def test_ninja_found_among_this_interpreters_scripts(monkeypatch, tmp_path) -> None:
@@ -142,13 +205,13 @@ def test_ninja_found_among_this_interpreters_scripts(monkeypatch, tmp_path) -> N
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog) -> None:
-    monkeypatch.setattr(fused_chain, "SOURCE", fused_chain.SOURCE.with_name("missing.cpp"))
+    monkeypatch.setattr(fused_chain, "SOURCES", ["missing.cpp"])
     fused_chain.unavailable_reason.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="mogrifier_fast"):
             reason = fused_chain.unavailable_reason()
             assert fused_chain.unavailable_reason() == reason  # decided once
-        assert reason is not None and "could not build missing.cpp" in reason
+        assert reason is not None and "could not build" in reason and "missing.cpp" in reason
         assert not fused_chain.usable(torch.zeros(1))
         assert [r.getMessage() for r in caplog.records] == [
             f"backend 'fused' runs its Python loops: {reason}"

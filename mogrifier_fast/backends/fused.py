@@ -100,15 +100,17 @@ class _Linear:
         return torch.addmm(total, v, self.weight_t, out=total)
 
 
-def _rows_product(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+def _rows_product(
+    a: Tensor, b: Tensor, scale: float = 1.0, native: fused_chain.NativeCall | None = None
+) -> Tensor:
     """scale · a^T b, summed over all R rows: a (R, m), b (R, n) -> (m, n); a weight gradient.
 
-    On CPU in float32 by the C++ loops' product, which reads both in place, where they are
-    built; else through oneDNN when it runs here (about 1.6x MKL's rate at these shapes on
-    the CPUs measured, but it transposes both operands first); else ``a.t() @ b``."""
-    if fused_chain.usable(a) and a.stride(-1) == 1 and b.stride(-1) == 1:
-        threads = fused_chain.threads_for(a.shape[0] * a.shape[1] * b.shape[1])
-        return torch.ops.mogrifier_fast.rows_product(a, b, scale, threads)
+    By the C++ loops' product, which reads both in place, in a call that runs them; else
+    through oneDNN when it runs here (about 1.6x MKL's rate at these shapes on the CPUs
+    measured, but it transposes both operands first); else ``a.t() @ b``."""
+    product = None if native is None else native.rows_product(a, b, scale)
+    if product is not None:
+        return product
     if a.device.type == "cpu" and a.dtype == torch.float32 and onednn_linear_available():
         a, b = a.contiguous(), b.contiguous()
         product = torch.ops.mkldnn._linear_pointwise(a.t(), b.t(), None, "none", [], "")
@@ -192,13 +194,18 @@ class _Round:
         self, factors: tuple[Tensor, ...], bias: Tensor | None, scale: float, rows: int
     ) -> None:
         self.scale, self.bias, self.rows = scale, bias, rows
+        self.factors = factors
         self.low_rank = len(factors) == 2
-        # The scale acts on the map's input (the last factor); round 1's is 1.
-        self.scaled = (*factors[:-1], factors[-1] * scale if scale != 1 else factors[-1])
+
+    @functools.cached_property
+    def scaled(self) -> tuple[Tensor, ...]:
+        """The factors with the scale on the map's input (the last factor); round 1's is 1."""
+        factors, scale = self.factors, self.scale
+        return (*factors[:-1], factors[-1] * scale if scale != 1 else factors[-1])
 
     @property
     def rank(self) -> int | None:
-        return self.scaled[0].shape[1] if self.low_rank else None
+        return self.factors[0].shape[1] if self.low_rank else None
 
     @functools.cached_property
     def forward_products(self) -> list[_Linear]:
@@ -235,45 +242,63 @@ class _Round:
         inner: Tensor | None,
         inner_grad: Tensor | None,
         bias_grad: Tensor | None,
+        native: fused_chain.NativeCall | None,
     ) -> list[Tensor | None]:
         """Gradients of (factors..., bias) from all R rows at once: dz (R, out), u (R, in); the
         bias's (dz summed over the rows) is given."""
         if self.low_rank:
-            return [_rows_product(dz, inner), _rows_product(inner_grad, u, self.scale), bias_grad]
-        return [_rows_product(dz, u, self.scale), bias_grad]
+            return [
+                _rows_product(dz, inner, native=native),
+                _rows_product(inner_grad, u, self.scale, native),
+                bias_grad,
+            ]
+        return [_rows_product(dz, u, self.scale, native), bias_grad]
 
 
 class _Weights:
-    """One call's weights folded for the time loops, forward and backward (kept from the
-    forward for the backward, so they are folded once per training call).
+    """One call's weights for the time loops, forward and backward (kept from the forward for
+    the backward). ``native`` is set when the C++ loops run the call: they read the parameters
+    as stored and fold the powers of two themselves. The Python loops use the folded copies,
+    made on first use: gate weights with the final states' scales folded into their columns
+    and the g rows doubled (tanh(g) = 2σ(2g) − 1), as one (4H, I+H) matrix for [x, h]."""
 
-    Gate weights get the final states' scales folded into their columns and the g rows doubled
-    (tanh(g) = 2σ(2g) − 1), as one (4H, I+H) matrix for the concatenated [x, h]."""
-
-    def __init__(self, structure: _Structure, flat: tuple, rows: int) -> None:
+    def __init__(self, structure: _Structure, flat: tuple, x: Tensor) -> None:
         s, big_h = structure, structure.hidden_size
-        (w_ih, w_hh, b_ih, b_hh), maps = _unflatten(s, flat)
+        (self.w_ih, self.w_hh, self.b_ih, self.b_hh), maps = _unflatten(s, flat)
         x_final, h_final = s.final_states()
         self.column_scales = (2.0 ** s.doublings(x_final), 2.0 ** s.doublings(h_final))
         self.g_rows = slice(2 * big_h, 3 * big_h)
-        self.rows = rows
-        self.gate_weight = torch.cat(
-            [w_ih * self.column_scales[0], w_hh * self.column_scales[1]], dim=1
-        )
-        self.gate_weight[self.g_rows] *= 2
-        self.gate_bias = None
-        if s.lstm_bias:
-            self.gate_bias = b_ih + b_hh
-            self.gate_bias[self.g_rows] *= 2
+        self.rows = x.shape[1]
         self.rounds = [
-            _Round(*maps[m], 2.0 ** s.doublings(j - 1), rows)
+            _Round(*maps[m], 2.0 ** s.doublings(j - 1), self.rows)
             for j, m in enumerate(s.map_of_round, start=1)
         ]
+        self.native = None
+        if fused_chain.usable(x):
+            self.native = fused_chain.NativeCall.prepare(
+                [self.w_ih, self.w_hh, self.b_ih, self.b_hh,
+                 *(t for r in self.rounds for t in (*r.factors, r.bias))],
+                [*self.column_scales, *(r.scale for r in self.rounds)],
+                [len(r.factors) for r in self.rounds],
+                x.shape,
+            )  # fmt: skip
+
+    @functools.cached_property
+    def gate_weight(self) -> Tensor:
+        weight = torch.cat(
+            [self.w_ih * self.column_scales[0], self.w_hh * self.column_scales[1]], dim=1
+        )
+        weight[self.g_rows] *= 2
+        return weight
 
     @functools.cached_property
     def gates(self) -> _Linear:
         """The gate product [x, h] -> pre-activations."""
-        return _Linear(self.gate_weight, self.gate_bias, self.rows)
+        bias = None
+        if self.b_ih is not None:
+            bias = self.b_ih + self.b_hh
+            bias[self.g_rows] *= 2
+        return _Linear(self.gate_weight, bias, self.rows)
 
     @functools.cached_property
     def gates_backward(self) -> _Linear:
@@ -284,17 +309,6 @@ class _Weights:
     def ranks(self) -> list[int | None]:
         """Rank k of each round's map (None when dense)."""
         return [round_.rank for round_ in self.rounds]
-
-    def native_args(self) -> tuple[list[Tensor], list[int]]:
-        """The rounds' scaled factors as one list, and how many belong to each round."""
-        return [f for r in self.rounds for f in r.scaled], [len(r.scaled) for r in self.rounds]
-
-    @functools.cached_property
-    def native_plan(self) -> tuple[int, bool]:
-        """(threads, split_rows) for the C++ loops."""
-        matrices = [self.gate_weight, *(f for r in self.rounds for f in r.scaled)]
-        weight_bytes = sum(m.numel() * m.element_size() for m in matrices)
-        return fused_chain.plan(self.rows, self.gate_weight.numel() * self.rows, weight_bytes)
 
 
 @dataclass
@@ -373,29 +387,9 @@ def _forward(
     big_i, big_h = s.input_size, s.hidden_size
     saved = _Saved.empty(s, weights.ranks, x, keep)
     output = x.new_empty(steps, rows, big_h)
-    if fused_chain.usable(x):
+    if weights.native is not None:
         c_last = x.new_empty(rows, big_h)
-        torch.ops.mogrifier_fast.chain_forward(
-            x,
-            h0,
-            c0,
-            *weights.native_args(),
-            [round_.bias for round_ in weights.rounds],
-            weights.gate_weight,
-            weights.gate_bias,
-            output,
-            c_last,
-            saved.xh,
-            list(saved.states.values()),
-            saved.inners,
-            saved.sig,
-            saved.activations,
-            saved.tanh_g2,
-            saved.tanh_c,
-            saved.cells2,
-            keep,
-            *weights.native_plan,
-        )
+        weights.native.forward(x, h0, c0, saved.tensors(), output, c_last, keep)
         return output, c_last, saved
 
     def per_step(buffer: Tensor) -> list[Tensor]:
@@ -559,32 +553,12 @@ def _backward(
     grad_act = grad_act.unflatten(-1, (4, big_h))
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
     h_prev = torch.cat([h0[None], output[:-1]]) if r >= 2 else None
-    if fused_chain.usable(x):
+    if weights.native is not None:
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(h0)
-        torch.ops.mogrifier_fast.chain_backward(
-            grad_output,
-            grad_h.contiguous(),
-            grad_c.contiguous(),
-            x,
-            h0,
-            output,
-            saved.xh,
-            list(saved.states.values()),
-            saved.sig,
-            saved.activations,
-            saved.tanh_g2,
-            saved.tanh_c,
-            saved.cells2,
-            *weights.native_args(),
-            weights.gate_weight,
-            grad_x,
-            grad_h0,
-            grad_c0,
-            grad_act.flatten(2),
-            grad_z,
-            grad_inners,
-            *weights.native_plan,
-        )
+        weights.native.backward(
+            (grad_output, grad_h, grad_c), x, h0, output, saved.tensors(),
+            grad_x, grad_h0, grad_c0, pre_grads, grad_inners,
+        )  # fmt: skip
     else:
         grad_h0, grad_c0 = _backward_chain(
             s, weights, x, h_prev, saved, grad_output, grad_h, grad_c,
@@ -597,7 +571,7 @@ def _backward(
     if s.lstm_bias or any(s.map_bias):
         bias_grads = pre_grads.view(total, -1).sum(0).split(widths)
     dp = grad_act.view(total, -1)
-    d_gate_weight = _rows_product(dp, saved.xh.view(total, -1))
+    d_gate_weight = _rows_product(dp, saved.xh.view(total, -1), native=weights.native)
     d_gate_weight[weights.g_rows] *= 2
     d_w_ih = d_gate_weight[:, :big_i] * weights.column_scales[0]
     d_w_hh = d_gate_weight[:, big_i:] * weights.column_scales[1]
@@ -612,7 +586,7 @@ def _backward(
         if inner is not None:
             inner, dinner = inner.view(total, -1), dinner.view(total, -1)
         grads = weights.rounds[j - 1].weight_grads(
-            grad_z[j - 1].reshape(total, -1), u_all, inner, dinner, bias_grads[j]
+            grad_z[j - 1].reshape(total, -1), u_all, inner, dinner, bias_grads[j], weights.native
         )
         previous = map_grads[m]
         map_grads[m] = (
@@ -636,7 +610,7 @@ class _FusedSequence(torch.autograd.Function):
     def forward(
         ctx, structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, *flat: Tensor | None
     ):
-        weights = _Weights(structure, flat, x.shape[1])
+        weights = _Weights(structure, flat, x)
         output, c_last, saved = _forward(structure, x, h0, c0, weights)
         ctx.structure, ctx.weights = structure, weights
         # The parameters are saved only so that autograd refuses a backward after they were
@@ -669,7 +643,7 @@ def run_fused(
     if needs_backward(x, h0, c0, *flat):
         return _FusedSequence.apply(structure, x, h0, c0, *flat)
     with torch.no_grad():
-        weights = _Weights(structure, tuple(flat), x.shape[1])
+        weights = _Weights(structure, tuple(flat), x)
         output, c_last, _ = _forward(structure, x, h0, c0, weights, keep=False)
         return output, output[-1].clone(), c_last
 

@@ -1,9 +1,15 @@
-"""The C++ time loops of backend ``"fused"`` (``mogrifier_fast/csrc/fused_chain.cpp``).
+"""The C++ time loops of backend ``"fused"`` (``mogrifier_fast/csrc``), for float32 on CPU.
 
-Built with the system's C++ compiler and ninja on first use (about 10 s, then cached by
-``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``) for this machine's vector
-instructions, and used for float32 on CPU. Where it cannot be built, ``"fused"`` runs its Python
-loops (the same results; slower), after one logged warning. ``MOGRIFIER_NATIVE=0`` turns it off.
+Laid out by instruction set: ``bindings.cpp`` registers the ops (the only file that sees
+tensors), ``loops.h`` holds the loops, templated on a register tile, and each ``isa_*.cpp``
+compiles them for one instruction set with its own target flags and tile: ``avx512``, ``avx2``
+(with FMA) and ``generic`` on x86-64, ``neon`` and ``generic`` on ARM64. All of them live in one
+module, built with the system's C++ compiler and ninja on first use (about half a minute; then
+cached by ``torch.utils.cpp_extension`` under ``TORCH_EXTENSIONS_DIR``), or ahead of time by
+``python -m mogrifier_fast.build``. Each call names its variant: by default the best this CPU
+runs, or the one ``MOGRIFIER_ISA`` names. Where the module cannot be built, ``"fused"`` runs its
+Python loops (the same results; slower), after one logged warning. ``MOGRIFIER_NATIVE=0`` turns
+the C++ loops off.
 """
 
 from __future__ import annotations
@@ -14,14 +20,20 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import sysconfig
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 logger = logging.getLogger("mogrifier_fast")
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_chain.cpp"
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ["bindings.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_neon.cpp", "isa_generic.cpp"]
+HEADERS = ["chain.h", "loops.h"]
+ISA_VARIABLE = "MOGRIFIER_ISA"
 # A product of at least this many multiply-adds (for the loops: a step's gate product) is split
 # across torch's threads; below it one thread runs it (a barrier costs more than it shares).
 PARALLEL_MACS = 1 << 18
@@ -31,18 +43,18 @@ PARALLEL_MACS = 1 << 18
 # 1.02-1.38x up to 3.25 MiB of weights (H=256), even at 13 MiB (H=512), and at 33 MiB (H=1000)
 # behind for inference (0.94x), ahead for training (1.04x).
 ROW_SPLIT_MAX_WEIGHT_BYTES = 8 << 20
+# Calls of fewer steps than this read the weights where they are; longer ones pack them into
+# panels first (one pass over the weights, repaid by faster products over the steps).
+PACK_MIN_STEPS = 4
 
 
-def _build_tag() -> str:
-    """Distinguishes builds for different CPUs (the code is compiled for the build machine's
-    instructions) and torch versions (its headers and ABI)."""
-    flags = f"{torch.__version__} {platform.machine()}"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags += next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+def _build_name() -> str:
+    """The module's name: distinguishes torch versions (headers and ABI), architectures and
+    source versions, so no stale build is ever loaded."""
+    digest = hashlib.sha1(f"{torch.__version__} {platform.machine()}".encode())
+    for name in SOURCES + HEADERS:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    return f"mogrifier_fast_loops_{digest.hexdigest()[:12]}"
 
 
 def _ninja_on_path() -> None:
@@ -54,29 +66,73 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), scripts])
 
 
+def build() -> float | None:
+    """Build (or load the cached build of) the C++ loops; the seconds a build took, or None
+    when a cached one was loaded. Raises what the build raises."""
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    name = _build_name()
+    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    fresh = not library.exists()
+    if fresh:
+        print(
+            "mogrifier_fast: building the C++ loops of backend 'fused' for this machine "
+            "(once, about half a minute; `python -m mogrifier_fast.build` does it ahead of time)",
+            file=sys.stderr,
+            flush=True,
+        )
+    start = time.perf_counter()
+    cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE_DIR / s) for s in SOURCES],
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    return time.perf_counter() - start if fresh else None
+
+
 @functools.cache
 def unavailable_reason() -> str | None:
     """None once the C++ loops are built and loaded here, else why they are not."""
     if os.environ.get("MOGRIFIER_NATIVE", "1") == "0":
         return "turned off by MOGRIFIER_NATIVE=0"
     try:
-        from torch.utils import cpp_extension
-
-        _ninja_on_path()
-        cpp_extension.load(
-            name=f"mogrifier_fast_chain_{_build_tag()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+        build()
     except Exception as error:  # no compiler, no headers, a failed build: all mean "not here"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        reason = f"could not build {SOURCE.name} ({type(error).__name__}: {first_line})"
+        reason = f"could not build {SOURCE_DIR.name}/ ({type(error).__name__}: {first_line})"
         logger.warning("backend 'fused' runs its Python loops: %s", reason)
         return reason
     return None
+
+
+def runnable_isas() -> list[str]:
+    """The instruction-set variants this CPU executes, best first (the loops must be built)."""
+    return list(torch.ops.mogrifier_fast.isas())
+
+
+def compiled_isas() -> list[str]:
+    """Every variant this architecture's build holds, whether this CPU runs it or not."""
+    return list(torch.ops.mogrifier_fast.compiled_isas())
+
+
+def isa() -> str:
+    """The variant calls use: ``MOGRIFIER_ISA`` when set, else the best this CPU runs."""
+    runnable = runnable_isas()
+    wanted = os.environ.get(ISA_VARIABLE, "")
+    if not wanted:
+        return runnable[0]
+    if wanted not in runnable:
+        compiled = compiled_isas()
+        why = "this CPU lacks its instructions" if wanted in compiled else "no such variant"
+        raise ValueError(
+            f"{ISA_VARIABLE}={wanted!r}: {why}; expected one of {', '.join(runnable)} "
+            f"(built here: {', '.join(compiled)})"
+        )
+    return wanted
 
 
 def usable(x: Tensor) -> bool:
@@ -97,3 +153,62 @@ def threads_for(macs: int) -> int:
     """How many threads run the loops for a step whose gate product has ``macs`` multiply-adds,
     or a product of that many."""
     return torch.get_num_threads() if macs >= PARALLEL_MACS else 1
+
+
+@dataclass(frozen=True)
+class NativeCall:
+    """What every op of one call shares, decided once per call: the variant, the parameters as
+    stored ([w_ih, w_hh, b_ih, b_hh, then each round's factors and bias]), the powers of two
+    the gate product's x and h halves and each round's input carry, each round's factor count,
+    and the plan (threads, split_rows, packed)."""
+
+    isa: str
+    params: list[Tensor | None]
+    scales: list[float]
+    factors: list[int]
+    threads: int
+    split_rows: bool
+    packed: bool
+
+    @classmethod
+    def prepare(
+        cls, params: list[Tensor | None], scales: list[float], factors: list[int], shape
+    ) -> NativeCall:
+        """For a call on x of shape (T, B, I); matrices given contiguous rows if they lack them."""
+        steps, rows = shape[0], shape[1]
+        params = [p if p is None or p.stride(-1) == 1 else p.contiguous() for p in params]
+        w_ih, w_hh = params[0], params[1]
+        weight_bytes = 4 * sum(p.numel() for p in params if p is not None and p.dim() == 2)
+        gate_macs = rows * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1])
+        threads, split_rows = plan(rows, gate_macs, weight_bytes)
+        return cls(
+            isa(), params, scales, factors, threads, split_rows, steps >= PACK_MIN_STEPS
+        )
+
+    def forward(self, x: Tensor, h0: Tensor, c0: Tensor, saved: list[Tensor], output: Tensor,
+                c_last: Tensor, keep: bool) -> None:  # fmt: skip
+        """Fill output (T, B, H), c_last (B, H) and the saved buffers."""
+        torch.ops.mogrifier_fast.chain_forward(
+            self.isa, x, h0, c0, self.params, self.scales, self.factors, saved, output, c_last,
+            keep, self.threads, self.split_rows, self.packed,
+        )  # fmt: skip
+
+    def backward(self, grads: tuple[Tensor, Tensor, Tensor], x: Tensor, h0: Tensor,
+                 output: Tensor, saved: list[Tensor], grad_x: Tensor, grad_h0: Tensor,
+                 grad_c0: Tensor, grad_pre: Tensor,
+                 grad_inners: list[Tensor | None]) -> None:  # fmt: skip
+        """From the gradients of (output, h_T, c_T), fill grad_x, grad_h0, grad_c0, grad_pre
+        (T, B, 4H + the rounds' widths) and the low-rank rounds' inner gradients."""
+        grad_output, grad_h, grad_c = grads
+        torch.ops.mogrifier_fast.chain_backward(
+            self.isa, grad_output, grad_h.contiguous(), grad_c.contiguous(), x, h0, output,
+            self.params, self.scales, self.factors, saved, grad_x, grad_h0, grad_c0, grad_pre,
+            grad_inners, self.threads, self.split_rows, self.packed,
+        )  # fmt: skip
+
+    def rows_product(self, a: Tensor, b: Tensor, scale: float) -> Tensor | None:
+        """scale · a^T b over all rows, or None when a row is not contiguous."""
+        if a.stride(-1) != 1 or b.stride(-1) != 1:
+            return None
+        threads = threads_for(a.shape[0] * a.shape[1] * b.shape[1])
+        return torch.ops.mogrifier_fast.rows_product(self.isa, a, b, scale, threads)
