@@ -14,6 +14,7 @@ the C++ loops off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -23,6 +24,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ["bindings.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_neon.cpp", "isa_generic.cpp"]
 HEADERS = ["chain.h", "loops.h"]
 ISA_VARIABLE = "MOGRIFIER_ISA"
+PYTHON_LOOPS = "python"  # the variant name that means: no C++ loops (see `variant`)
 # A product of at least this many multiply-adds (for the loops: a step's gate product) is split
 # across torch's threads; below it one thread runs it (a barrier costs more than it shares).
 PARALLEL_MACS = 1 << 18
@@ -119,8 +122,30 @@ def compiled_isas() -> list[str]:
     return list(torch.ops.mogrifier_fast.compiled_isas())
 
 
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def variant(name: str) -> Iterator[None]:
+    """Within the block, calls run the C++ loops of variant ``name`` (one of
+    :func:`runnable_isas`), or the Python loops for ``"python"``, whatever ``MOGRIFIER_ISA``
+    says: to compare variants in one process."""
+    global _forced
+    if name != PYTHON_LOOPS and (unavailable_reason() is not None or name not in runnable_isas()):
+        choices = [PYTHON_LOOPS, *(runnable_isas() if unavailable_reason() is None else [])]
+        raise ValueError(f"variant: {name!r} does not run here; expected one of {choices}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def isa() -> str:
-    """The variant calls use: ``MOGRIFIER_ISA`` when set, else the best this CPU runs."""
+    """The variant calls use: the one :func:`variant` forces, else ``MOGRIFIER_ISA`` when set,
+    else the best this CPU runs."""
+    if _forced is not None:
+        return _forced
     runnable = runnable_isas()
     wanted = os.environ.get(ISA_VARIABLE, "")
     if not wanted:
@@ -136,8 +161,14 @@ def isa() -> str:
 
 
 def usable(x: Tensor) -> bool:
-    """Whether the C++ loops run a call on input x (float32 on CPU, built here)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and unavailable_reason() is None
+    """Whether the C++ loops run a call on input x (float32 on CPU, built here, not turned off
+    by :func:`variant`)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and _forced != PYTHON_LOOPS
+        and unavailable_reason() is None
+    )
 
 
 def plan(rows: int, gate_macs: int, weight_bytes: int) -> tuple[int, bool]:
