@@ -9,7 +9,7 @@ it writes to OUT_DIR:
 * ``gpu_check.log``: the environment, each phase's command, time and exit status;
 * ``tests.txt``: ``tests/test_kernels.py`` and ``tests/test_backends.py`` on CUDA
   (``MOGRIFIER_TEST_DEVICE=cuda``) for every backend but ``compile``: float64 and float32 with
-  TF32 off against the oracle (DESIGN.md's tolerances), bf16 and TF32 no worse than the
+  TF32 off against the oracle (the README's tolerances), bf16 and TF32 no worse than the
   reference loop in the same precision;
 * ``tests-compile.txt``: the ``compile`` backend's float32 cases (it compiles per configuration);
 * the benchmark's ``gpu`` preset (T=70, batch 64, I=H=512, r=5; the seed notebook's and the

@@ -1,14 +1,20 @@
 """The timing harness behind ``mogrifier-bench``: CSV speed tables of every backend.
 
 For each configuration of a grid (sequence length, batch, sizes, rounds, rank, layers, dtype,
-mode) it times, side by side in one process with interleaved repeats: every available backend of
-:class:`~mogrifier_fast.MogrifierLSTM` (the pure-Python ``reference`` included), ``nn.LSTM`` (a
-plain LSTM of the same sizes: the ceiling) and ``LSTMCell loop`` (the usual user pattern: an
-``nn.LSTMCell`` in a Python loop with one ``nn.Linear`` per round). Rows are appended to one CSV
-per device as each configuration finishes, so an interrupted run keeps every finished row.
+mode, threads) it times, side by side in one process with interleaved repeats: every available
+backend of :class:`~mogrifier_fast.MogrifierLSTM` (the pure-Python ``reference`` included),
+``nn.LSTM`` (a plain LSTM of the same sizes: the ceiling) and ``LSTMCell loop`` (the usual user
+pattern: an ``nn.LSTMCell`` in a Python loop with one ``nn.Linear`` per round). On request also
+``fused[<variant>]`` (backend ``fused`` with one variant of its C++ loops forced, or
+``fused[python]``, its Python loops) and ``MogrifierLSTMCell`` (stacked cells, stepped in a
+Python loop). Mode ``generation`` times single-token generation: T=1 calls, the state carried.
+Rows are appended to one CSV per device, CPU model and default variant as each configuration
+finishes, so an interrupted run keeps every finished row.
 
     mogrifier-bench                          # the quick preset
     mogrifier-bench --preset seed --repeats 5
+    mogrifier-bench --preset isa             # every C++ variant this CPU runs, side by side
+    mogrifier-bench --preset generation      # one token at a time, batch 1, 1 thread
     mogrifier-bench --hidden 128,256 --rounds 0,5 --mode training
     mogrifier-bench --grid my_grid.toml
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -34,12 +41,16 @@ import torch
 from torch import nn
 
 import mogrifier_fast as mf
+from mogrifier_fast.backends import fused_chain
 from mogrifier_fast.progress import progress_bar
 
 LOOP = "LSTMCell loop"
 LSTM = "nn.LSTM"
+CELL = "MogrifierLSTMCell"
+FUSED = "fused"
 REFERENCE = "reference"
-MODES = ("inference", "training")
+MODES = ("inference", "training", "generation")
+DEFAULT_MODES = ("inference", "training")  # what grids without a mode, and the presets, time
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -57,13 +68,15 @@ class Config:
     share_rounds: bool = False
     dtype: str = "float32"
     mode: str = "training"
+    threads: int = 0  # torch's intra-op threads while measuring; 0: leave torch's setting
 
     def describe(self) -> str:
         rank = "full" if self.rank is None else f"k={self.rank}"
         shared = " shared" if self.share_rounds else ""
+        threads = f" {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else ""
         return (
             f"T={self.steps} N={self.batch} I={self.input_size} H={self.hidden_size} "
-            f"r={self.rounds}{shared} {rank} L={self.layers} {self.dtype} {self.mode}"
+            f"r={self.rounds}{shared} {rank} L={self.layers} {self.dtype} {self.mode}{threads}"
         )
 
 
@@ -92,13 +105,13 @@ def sweeps(base: dict, **axes: list) -> list[dict]:
     return [{**base, axis: values} for axis, values in axes.items()]
 
 
-QUICK_BASE = {"steps": 35, "batch": 16, "rounds": 5, "mode": list(MODES)}
+QUICK_BASE = {"steps": 35, "batch": 16, "rounds": 5, "mode": list(DEFAULT_MODES)}
 PRESETS: dict[str, list[dict]] = {
     # The `make bench` default: the issue's S and M sizes, both modes (a few minutes at most).
     "quick": [{**QUICK_BASE, "hidden_size": 64}, {**QUICK_BASE, "batch": 32, "hidden_size": 256}],
     # One axis at a time around a base size: what the analysis notebook plots.
     "full": sweeps(
-        {"steps": 35, "batch": 32, "hidden_size": 128, "rounds": 5, "mode": list(MODES)},
+        {"steps": 35, "batch": 32, "hidden_size": 128, "rounds": 5, "mode": list(DEFAULT_MODES)},
         hidden_size=[32, 64, 128, 256, 512],
         batch=[1, 8, 32, 64],
         rounds=[0, 1, 2, 3, 4, 5, 6],
@@ -115,12 +128,14 @@ PRESETS: dict[str, list[dict]] = {
             "hidden_size": 125,
             "rounds": 5,
             "share_rounds": True,
-            "mode": list(MODES),
+            "mode": list(DEFAULT_MODES),
         }
     ],
     # The GPU targets (benchmarks/gpu_check.py): T=70, batch 64, I=H=512, r=5, then the seed and
     # paper settings below.
-    "gpu": [{"steps": 70, "batch": 64, "hidden_size": 512, "rounds": 5, "mode": list(MODES)}],
+    "gpu": [
+        {"steps": 70, "batch": 64, "hidden_size": 512, "rounds": 5, "mode": list(DEFAULT_MODES)}
+    ],
     # The paper's PTB setting: hidden ~1000 (input 1000), r=5, rank 84, batch 64, bptt 70.
     "paper": [
         {
@@ -129,16 +144,52 @@ PRESETS: dict[str, list[dict]] = {
             "hidden_size": 1000,
             "rounds": 5,
             "rank": 84,
-            "mode": list(MODES),
+            "mode": list(DEFAULT_MODES),
+        }
+    ],
+    # Single-token generation (a language model sampling): 32 T=1 calls per timed call, the
+    # state carried, batch 1, two layers, one thread; candidates: GENERATION_CANDIDATES.
+    "generation": [
+        {
+            "steps": 32,
+            "batch": 1,
+            "hidden_size": 256,
+            "rounds": 5,
+            "layers": 2,
+            "threads": 1,
+            "mode": "generation",
         }
     ],
 }
 
 
 PRESETS["gpu"] += PRESETS["seed"] + PRESETS["paper"]
+# Every variant of the C++ loops this CPU runs (candidates: isa_candidates()) at S, M and the
+# seed notebook's size.
+PRESETS["isa"] = PRESETS["quick"] + PRESETS["seed"]
 
 
-class LSTMCellLoop(nn.Module):
+State = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class StepLoop(nn.Module):
+    """A stack of cells run one step at a time in a Python loop: subclasses define ``step``.
+    Input (T, N, input_size) -> output (T, N, hidden), zero initial state."""
+
+    def step(self, x_t: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """One step of every layer: x_t (N, input_size), state one (h, c) per layer, each
+        (N, hidden), or None for zeros -> (the last layer's h (N, hidden), the new state)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state, outputs = None, []
+        for x_t in x:
+            h, state = self.step(x_t, state)
+            outputs.append(h)
+        return torch.stack(outputs)
+
+
+class LSTMCellLoop(StepLoop):
     """The usual user pattern: per layer an ``nn.LSTMCell`` in a Python loop, with one
     ``nn.Linear`` (with bias) per round (two, the first without bias, for a low-rank map;
     one per parity with shared rounds). Input (T, N, input_size) -> output (T, N, hidden)."""
@@ -168,22 +219,65 @@ class LSTMCellLoop(nn.Module):
             self.maps.append(nn.ModuleList(maps))
         self.rounds = config.rounds
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for cell, maps in zip(self.cells, self.maps, strict=True):
-            h = x.new_zeros(x.shape[1], cell.hidden_size)
-            c = h
-            outputs = []
-            for x_t in x:
-                for j in range(1, self.rounds + 1):
-                    linear = maps[(j - 1) % len(maps)]
-                    if j % 2:
-                        x_t = 2 * torch.sigmoid(linear(h)) * x_t
-                    else:
-                        h = 2 * torch.sigmoid(linear(x_t)) * h
-                h, c = cell(x_t, (h, c))
-                outputs.append(h)
-            x = torch.stack(outputs)
-        return x
+    def step(self, x_t: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        new_state = []
+        for layer, (cell, maps) in enumerate(zip(self.cells, self.maps, strict=True)):
+            if state is None:
+                h = c = x_t.new_zeros(x_t.shape[0], cell.hidden_size)
+            else:
+                h, c = state[layer]
+            for j in range(1, self.rounds + 1):
+                linear = maps[(j - 1) % len(maps)]
+                if j % 2:
+                    x_t = 2 * torch.sigmoid(linear(h)) * x_t
+                else:
+                    h = 2 * torch.sigmoid(linear(x_t)) * h
+            h, c = cell(x_t, (h, c))
+            new_state.append((h, c))
+            x_t = h
+        return x_t, new_state
+
+
+class MogrifierCellStack(StepLoop):
+    """Candidate ``MogrifierLSTMCell``: one :class:`~mogrifier_fast.MogrifierLSTMCell` per layer,
+    stepped in a Python loop. Input (T, N, input_size) -> output (T, N, hidden)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.cells = nn.ModuleList(
+            mf.MogrifierLSTMCell(
+                config.input_size if layer == 0 else config.hidden_size,
+                config.hidden_size,
+                rounds=config.rounds,
+                rank=config.rank,
+                share_rounds=config.share_rounds,
+            )
+            for layer in range(config.layers)
+        )
+
+    def step(self, x_t: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        new_state = []
+        for layer, cell in enumerate(self.cells):
+            x_t, c = cell(x_t, None if state is None else state[layer])
+            new_state.append((x_t, c))
+        return x_t, new_state
+
+
+def variant_of(name: str) -> str | None:
+    """The variant a candidate name forces: "fused[avx2]" -> "avx2"; None for other names."""
+    prefix = f"{FUSED}["
+    return name[len(prefix) : -1] if name.startswith(prefix) and name.endswith("]") else None
+
+
+def variant_candidate(variant: str) -> str:
+    """The candidate name that runs backend "fused" with ``variant`` forced: "fused[avx2]"."""
+    return f"{FUSED}[{variant}]"
+
+
+def candidate_context(name: str) -> contextlib.AbstractContextManager:
+    """What a candidate's build and calls run within: its variant forced, or nothing."""
+    variant = variant_of(name)
+    return contextlib.nullcontext() if variant is None else fused_chain.variant(variant)
 
 
 def build_model(name: str, config: Config, device: torch.device) -> nn.Module:
@@ -191,6 +285,8 @@ def build_model(name: str, config: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     if name == LOOP:
         model = LSTMCellLoop(config)
+    elif name == CELL:
+        model = MogrifierCellStack(config)
     elif name == LSTM:
         model = nn.LSTM(config.input_size, config.hidden_size, num_layers=config.layers)
     else:
@@ -201,13 +297,15 @@ def build_model(name: str, config: Config, device: torch.device) -> nn.Module:
             rounds=config.rounds,
             rank=config.rank,
             share_rounds=config.share_rounds,
-            backend=name,
+            backend=FUSED if variant_of(name) is not None else name,
         )
     return model.to(device=device, dtype=DTYPES[config.dtype])
 
 
 def step_function(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
-    """One timed call: a forward under no_grad (inference), or forward and backward (training)."""
+    """One timed call on x (T, N, input_size): a forward under no_grad (inference), forward and
+    backward (training), or T single-step calls under no_grad, each call's state fed to the next
+    (generation: ``out, hx = model(x[t:t+1], hx)``; ``model.step(x[t], state)`` for a StepLoop)."""
 
     def output() -> torch.Tensor:
         result = model(x)
@@ -220,7 +318,18 @@ def step_function(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], 
     def training() -> None:
         output().sum().backward()
 
-    return training if mode == "training" else inference
+    def generation() -> None:
+        with torch.no_grad():
+            if isinstance(model, StepLoop):
+                state = None
+                for x_t in x:
+                    _, state = model.step(x_t, state)
+            else:
+                hx = None
+                for t in range(x.shape[0]):
+                    _, hx = model(x[t : t + 1], hx)
+
+    return {"training": training, "inference": inference, "generation": generation}[mode]
 
 
 class Timer:
@@ -328,16 +437,66 @@ def available_memory(device: torch.device) -> int:
 
 
 def machine_columns(device: torch.device) -> dict[str, str]:
-    """The columns that say where a row was measured."""
+    """The columns that say where a row was measured: the device and its model, the default
+    variant of the C++ loops (CPU; "python" where they are not built), the CPU's vector
+    instructions, versions. (The threads a row ran with are its ``threads`` column.)"""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
     return {
         "device": device.type,
         "device_name": device_name,
+        "variant": default_variant() if device.type == "cpu" else "",
+        "isa_flags": isa_flags(),
         "torch_version": torch.__version__,
-        "threads": str(torch.get_num_threads()),
         "git_commit": _git_commit(),
         "python": platform.python_version(),
     }
+
+
+def default_variant() -> str:
+    """The variant plain "fused" runs here: fused_chain.isa() (the best this CPU runs, or
+    MOGRIFIER_ISA's), or "python" where the C++ loops are not built."""
+    if fused_chain.unavailable_reason() is not None:
+        return fused_chain.PYTHON_LOOPS
+    return fused_chain.isa()
+
+
+def runnable_variants() -> list[str]:
+    """Every variant that runs here, best first: the C++ loops' this CPU runs (where they are
+    built), then "python"."""
+    isas = fused_chain.runnable_isas() if fused_chain.unavailable_reason() is None else []
+    return [*isas, fused_chain.PYTHON_LOOPS]
+
+
+def unrunnable_variants() -> list[str]:
+    """The variants the build holds that this CPU cannot run (none where it is not built)."""
+    if fused_chain.unavailable_reason() is not None:
+        return []
+    runnable = fused_chain.runnable_isas()
+    return [isa for isa in fused_chain.compiled_isas() if isa not in runnable]
+
+
+def isa_flags(cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """The CPU's widest vector instructions, from /proc/cpuinfo's flags (or the text
+    ``cpuinfo``): "avx512f", "avx2+fma", "neon" (ARM's asimd), "baseline", or "unknown"."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    machine = machine or platform.machine()
+    if "avx512f" in flags:
+        return "avx512f"
+    if {"avx2", "fma"} <= flags:
+        return "avx2+fma"
+    if "asimd" in flags or (not flags and machine.lower() in ("arm64", "aarch64")):
+        return "neon"
+    return "baseline" if flags else "unknown"
 
 
 def _cpu_model() -> str:
@@ -369,15 +528,57 @@ def _git_commit() -> str:
 def measure(
     config: Config, candidates: list[str], device: torch.device, repeats: int, memory: bool
 ) -> list[dict]:
-    """Time every candidate at one configuration; one result row per candidate."""
+    """Time every candidate at one configuration, with ``config.threads`` torch threads (0:
+    torch's setting); one result row per candidate. Its ``threads`` column: the threads used."""
+    with torch_threads(config.threads) as threads:
+        return _measure(config, candidates, device, repeats, memory, threads)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[int]:
+    """Within the block torch runs ``count`` intra-op threads (0: its setting as it is); yields
+    the count in force. The setting before is restored after."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _within(
+    context: Callable[[], contextlib.AbstractContextManager], function: Callable[[], None]
+) -> Callable[[], None]:
+    """``function`` run inside a fresh ``context()`` at every call."""
+
+    def call() -> None:
+        with context():
+            function()
+
+    return call
+
+
+def _measure(
+    config: Config,
+    candidates: list[str],
+    device: torch.device,
+    repeats: int,
+    memory: bool,
+    threads: int,
+) -> list[dict]:
     dtype = DTYPES[config.dtype]
     torch.manual_seed(1)
     x = torch.randn(config.steps, config.batch, config.input_size, device=device, dtype=dtype)
     timer = Timer(device)
     functions, warmup_s = {}, {}
     for name in candidates:
-        model = build_model(name, config, device)
-        functions[name] = step_function(model, x, config.mode)
+        with candidate_context(name):
+            model = build_model(name, config, device)
+        function = step_function(model, x, config.mode)
+        if variant_of(name) is not None:
+            function = _within(functools.partial(candidate_context, name), function)
+        functions[name] = function
         warmup_s[name] = timer(functions[name])  # the first call: compilation, caches, allocation
     times = time_interleaved(functions, repeats, warmup=1, timer=timer)
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -390,6 +591,7 @@ def measure(
                 "candidate": name,
                 **dataclasses.asdict(config),
                 "rank": "" if config.rank is None else config.rank,
+                "threads": threads,
                 "repeats": repeats,
                 "median_ms": 1e3 * median,
                 "min_ms": 1e3 * min(t),
@@ -431,32 +633,38 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """A summary: one line per configuration and candidate: median time, ratios, the first call
-    (timed apart: it includes compilation for "compile") and peak memory."""
+    """A summary: one line per configuration and candidate: median time (per call and per step:
+    per token in mode generation), ratios, the first call (timed apart: it includes compilation
+    for "compile"), peak memory and the threads it ran with."""
     header = [
         "configuration",
         "candidate",
         "median ms",
+        "ms per step",
         "vs reference",
         "vs loop",
         "time vs nn.LSTM",
         "tokens/s",
         "first call s",
         "peak MB",
+        "threads",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        config = Config(**{k: row[k] for k in GRID_KEYS if k != "rank"}, rank=row["rank"] or None)
+        fields = {k: row[k] for k in GRID_KEYS if k not in ("rank", "threads")}
+        config = Config(**fields, rank=row["rank"] or None)  # threads: a column of its own
         cells = [
             config.describe(),
             row["candidate"],
             f"{row['median_ms']:.2f}",
+            f"{row['ms_per_step']:.3f}",
             _ratio(row["speedup_vs_reference"]),
             _ratio(row["speedup_vs_loop"]),
             _ratio(row["time_vs_lstm"]),
             f"{row['tokens_per_s']:,.0f}",
             f"{row['warmup_s']:.2f}",
             "" if math.isnan(row["peak_memory_mb"]) else f"{row['peak_memory_mb']:.1f}",
+            str(row["threads"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -494,6 +702,7 @@ FLAG_AXES = {
     "share_rounds": _bool,
     "dtype": str,
     "mode": str,
+    "threads": int,
 }
 
 
@@ -516,7 +725,9 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--candidates",
         type=_csv_list(str),
-        help=f"what to time (default: all available backends, {LSTM!r}, {LOOP!r})",
+        help=f"what to time: backends, {LSTM!r}, {LOOP!r}, {CELL!r}, 'fused[<variant>]' (a "
+        "variant of the C++ loops forced, or 'fused[python]'); default: all available backends, "
+        f"{LSTM!r} and {LOOP!r}, or the preset's own (isa, generation)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument(
@@ -532,7 +743,10 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         default=Path("bench-results"),
         help="directory of the CSV and markdown files (default bench-results)",
     )
-    parser.add_argument("--name", help="CSV file stem (default: the device type and model)")
+    parser.add_argument(
+        "--name",
+        help="CSV file stem (default: the device type and model, and on CPU the default variant)",
+    )
     return parser.parse_args(argv)
 
 
@@ -551,7 +765,9 @@ def grid_from_args(args: argparse.Namespace) -> list[Config]:
         grids.extend(PRESETS[preset])
     if flag_grid:
         grids = (
-            [{**g, **flag_grid} for g in grids] if grids else [{"mode": list(MODES), **flag_grid}]
+            [{**g, **flag_grid} for g in grids]
+            if grids
+            else [{"mode": list(DEFAULT_MODES), **flag_grid}]
         )
     configs = [config for grid in grids for config in expand(grid)]
     for config in configs:
@@ -585,19 +801,73 @@ def _check_config(config: Config) -> None:
             )
     if config.rounds < 0:
         raise ValueError(f"rounds: expected >= 0, got {config.rounds}")
+    if config.threads < 0:
+        raise ValueError(f"threads: expected >= 0 (0: torch's setting), got {config.threads}")
 
 
-def resolve_candidates(requested: list[str] | None, device: torch.device) -> list[str]:
+def known_candidates(device: torch.device) -> list[str]:
+    """Every candidate name that runs on ``device``: the available backends, on CPU
+    "fused[<variant>]" for each variant that runs here, then the Python-loop patterns."""
     available = mf.available_backends(device)
-    known = [*available, LSTM, LOOP]
+    variants = runnable_variants() if device.type == "cpu" and FUSED in available else []
+    return [*available, *map(variant_candidate, variants), CELL, LSTM, LOOP]
+
+
+def isa_candidates() -> list[str]:
+    """Preset isa's candidates: the loop and nn.LSTM, then "fused[<variant>]" for every variant
+    that runs here, best first, "fused[python]" last."""
+    return [LOOP, LSTM, *map(variant_candidate, runnable_variants())]
+
+
+GENERATION_CANDIDATES = [LOOP, LSTM, CELL, FUSED, variant_candidate(fused_chain.PYTHON_LOOPS)]
+# The candidates of a preset that has its own (the others: every backend, nn.LSTM, the loop).
+PRESET_CANDIDATES: dict[str, Callable[[], list[str]]] = {
+    "isa": isa_candidates,
+    "generation": lambda: list(GENERATION_CANDIDATES),
+}
+
+
+def resolve_candidates(
+    requested: list[str] | None, device: torch.device, preset: str | None = None
+) -> list[str]:
+    """The candidates to time: ``requested`` (each checked), else the preset's own, else every
+    available backend, nn.LSTM and the loop."""
+    known = known_candidates(device)
     if requested is None:
-        return [LOOP, LSTM, *available]
+        if preset in PRESET_CANDIDATES:
+            return [name for name in PRESET_CANDIDATES[preset]() if name in known]
+        return [LOOP, LSTM, *mf.available_backends(device)]
     for name in requested:
         if name not in known:
             raise ValueError(
-                f"--candidates: unknown or unavailable candidate {name!r} on {device}; expected some of {known}"
+                f"--candidates: unknown or unavailable candidate {name!r} on {device}"
+                f"{_why_not(name, device)}; expected some of {known}"
             )
     return requested
+
+
+def _why_not(name: str, device: torch.device) -> str:
+    """Why a "fused[<variant>]" candidate does not run here ("" for other names)."""
+    variant = variant_of(name)
+    if variant is None:
+        return ""
+    if device.type != "cpu":
+        return " (the C++ loops' variants run on CPU only)"
+    if variant in unrunnable_variants():
+        return f" (variant {variant!r} is built, but this CPU lacks its instructions)"
+    reason = fused_chain.unavailable_reason()
+    return f" (the C++ loops are not built: {reason})" if reason else ""
+
+
+def _check_float32(candidates: list[str], configs: list[Config]) -> None:
+    """Refuse forced C++ variants at a dtype the C++ loops do not run (they take float32)."""
+    forced = [n for n in candidates if variant_of(n) not in (None, fused_chain.PYTHON_LOOPS)]
+    for config in configs:
+        if forced and config.dtype != "float32":
+            raise ValueError(
+                f"--candidates: {forced} force the C++ loops, which run float32 only; got dtype "
+                f"{config.dtype!r} in {config.describe()}; drop them or use --dtype float32"
+            )
 
 
 def resolve_device(text: str) -> torch.device:
@@ -614,6 +884,13 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
+def file_stem(columns: dict[str, str]) -> str:
+    """The CSV's default stem, from machine_columns: "<device>-<model>", and on CPU the default
+    variant after it ("cpu-amd-epyc-avx2"), so machines (or variants) never share a file."""
+    stem = f"{columns['device']}-{_slug(columns['device_name'])}"
+    return f"{stem}-{columns['variant']}" if columns["device"] == "cpu" else stem
+
+
 def _slug(text: str) -> str:
     kept = "".join(ch.lower() if ch.isalnum() else "-" for ch in text)
     return "-".join(part for part in kept.split("-") if part)[:60]
@@ -623,7 +900,8 @@ def run(args: argparse.Namespace) -> Path:
     """Run the grid the arguments ask for; return the CSV path."""
     device = resolve_device(args.device)
     configs = grid_from_args(args)
-    candidates = resolve_candidates(args.candidates, device)
+    candidates = resolve_candidates(args.candidates, device, args.preset)
+    _check_float32(candidates, configs)
     if args.repeats < 1:
         raise ValueError(f"--repeats: expected >= 1, got {args.repeats}")
     budget = available_memory(device)
@@ -635,14 +913,23 @@ def run(args: argparse.Namespace) -> Path:
                 f"{budget / 2**30:.1f} GiB free on {device}; use smaller sizes"
             )
     columns = machine_columns(device)
-    stem = args.name or f"{device.type}-{_slug(columns['device_name'])}"
+    stem = args.name or file_stem(columns)
     label = args.preset or (
         "grid" if args.grid or any(getattr(args, a) is not None for a in FLAG_AXES) else "quick"
     )
     csv_path, md_path = args.out / f"{stem}.csv", args.out / f"{stem}-{label}.md"
+    variant = f", variant {columns['variant']}" if columns["variant"] else ""
     print(
-        f"mogrifier-bench: {len(configs)} configurations x {len(candidates)} candidates on {device} ({columns['device_name']}), {args.repeats} interleaved repeats"
+        f"mogrifier-bench: {len(configs)} configurations x {len(candidates)} candidates on {device} ({columns['device_name']}{variant}), {args.repeats} interleaved repeats"
     )
+    notes = []
+    if args.preset == "isa" and device.type == "cpu":
+        if fused_chain.unavailable_reason() is not None:
+            notes.append(f"C++ loops not measured: {fused_chain.unavailable_reason()}")
+        elif unrunnable_variants():
+            notes.append(f"not measured here (CPU lacks them): {', '.join(unrunnable_variants())}")
+    for note in notes:
+        print(f"mogrifier-bench: {note}")
     all_rows = []
     bar = progress_bar(total=len(configs), desc="configurations", unit="config")
     for config in configs:
@@ -659,8 +946,9 @@ def run(args: argparse.Namespace) -> Path:
     if bar is not None:
         bar.close()
     table = markdown_table(all_rows)
+    notes_text = "".join(f"{note}\n\n" for note in notes)
     md_path.write_text(
-        f"# mogrifier-bench on {columns['device_name']}\n\n`{args.command}`, commit {columns['git_commit']}, torch {columns['torch_version']}, {columns['threads']} threads\n\n{table}\n"
+        f"# mogrifier-bench on {columns['device_name']}{variant}\n\n`{args.command}`, commit {columns['git_commit']}, torch {columns['torch_version']}, {torch.get_num_threads()} threads unless a row says otherwise, CPU {columns['isa_flags']}\n\n{notes_text}{table}\n"
     )
     print(table)
     print(f"\nrows appended to {csv_path}; summary written to {md_path}")

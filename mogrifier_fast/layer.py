@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from mogrifier_fast import backends
+from mogrifier_fast.backends import fused_chain
+from mogrifier_fast.backends.fused import run_fused
 from mogrifier_fast.mogrify import LayerParams, RoundMap, mogrifier_lstm_step
 
 _LSTM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -371,7 +373,8 @@ class MogrifierLSTMCell(_MogrifierBase):
 
     Shapes: input (N, input_size) or unbatched (input_size,); hx optional (h_0, c_0), each
     (N, hidden_size) or (hidden_size,), zeros when omitted. Returns (h_1, c_1) shaped as h_0.
-    Runs :func:`mogrifier_fast.mogrify.mogrifier_lstm_step` directly.
+    In float32 on CPU the step runs in the C++ loops of backend ``"fused"`` (reading the weights
+    where they are); elsewhere :func:`mogrifier_fast.mogrify.mogrifier_lstm_step` runs directly.
     """
 
     def __init__(
@@ -418,5 +421,9 @@ class MogrifierLSTMCell(_MogrifierBase):
             hx = (zeros, zeros)
         else:
             hx = tuple(t if batched else t.unsqueeze(0) for t in self._check_state(hx, shape))
-        h1, c1 = mogrifier_lstm_step(x, hx[0], hx[1], *self._direction_params("").step_args())
+        params = self._direction_params("")
+        if fused_chain.usable(x):
+            _, h1, c1 = run_fused(x.unsqueeze(0), hx[0], hx[1], params)
+        else:
+            h1, c1 = mogrifier_lstm_step(x, hx[0], hx[1], *params.step_args())
         return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))

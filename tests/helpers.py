@@ -20,7 +20,7 @@ import mogrifier_fast as mf
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
-    """‖a − b‖ / ‖b‖ (DESIGN.md's measure), in float64; 0 when both are zero."""
+    """‖a − b‖ / ‖b‖ (the README's measure of agreement), in float64; 0 when both are zero."""
     a, b = a.detach().double(), b.detach().double()
     denominator = b.norm().item()
     return (a - b).norm().item() / denominator if denominator > 0 else (a - b).norm().item()

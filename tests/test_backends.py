@@ -2,7 +2,7 @@
 
 A backend is tested here by being registered: this module is parametrised over
 ``available_backends(device)``, device "cpu" unless ``MOGRIFIER_TEST_DEVICE`` names another
-(the GPU check runs it with "cuda"). Tolerances are DESIGN.md's: relative error <= 1e-9 in float64 and
+(the GPU check runs it with "cuda"). Tolerances are the README's: relative error <= 1e-9 in float64 and
 <= 1e-4 in float32 (a backend may refuse float64 with a TypeError, none may refuse float32).
 """
 
@@ -75,13 +75,13 @@ def cases_for(dtype_stride: int = 1) -> list:
 
 
 def float64_refused(error: TypeError) -> bool:
-    """Whether ``error`` is the one refusal DESIGN.md allows: float64 in the Triton kernels on a
+    """Whether ``error`` is the one refusal the contract allows: float64 in the Triton kernels on a
     GPU whose Triton cannot run a float64 ``tl.dot`` (any other TypeError is a bug)."""
     return DEVICE.type == "cuda" and "float64 needs tl.dot" in str(error)
 
 
 def skip_if_float64_refused(backend: str) -> None:
-    """Skip (with the backend's reason) where a backend refuses float64, as DESIGN.md allows."""
+    """Skip (with the backend's reason) where a backend refuses float64, as the contract allows."""
     layer, x, _ = Case({"input_size": 2, "hidden_size": 2, "rounds": 1}, 1, 1).build(
         dtype=torch.float64, backend=backend, device=DEVICE
     )

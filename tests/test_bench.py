@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from mogrifier_fast import bench
+from mogrifier_fast.backends import fused_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +91,138 @@ def test_presets_expand() -> None:
     assert [(c.hidden_size, c.rank, c.batch, c.steps, c.mode) for c in paper] == [
         (1000, 84, 64, 70, "training")
     ]
+    isa = bench.grid_from_args(bench.parse_args(["--preset", "isa"]))
+    assert {(c.steps, c.batch, c.input_size, c.hidden_size, c.share_rounds) for c in isa} == {
+        (35, 16, 64, 64, False), (35, 32, 256, 256, False), (500, 32, 50, 125, True)
+    }  # fmt: skip
+    assert len(isa) == 6
+    generation = bench.grid_from_args(bench.parse_args(["--preset", "generation"]))
+    assert generation == [
+        bench.Config(steps=32, batch=1, input_size=256, hidden_size=256, rounds=5, layers=2,
+                     mode="generation", threads=1)
+    ]  # fmt: skip
+    for name in set(bench.PRESETS) - {"generation"}:  # generation only when asked for
+        assert "generation" not in {
+            c.mode for c in bench.grid_from_args(bench.parse_args(["--preset", name]))
+        }
+    assert {c.mode for c in bench.grid_from_args(bench.parse_args(["--steps", "3"]))} == {
+        "inference",
+        "training",
+    }
+
+
+def test_variant_candidates_parse() -> None:
+    assert bench.variant_of("fused[avx2]") == "avx2" and bench.variant_of("fused") is None
+    assert bench.variant_candidate("python") == "fused[python]"
+    cpu = torch.device("cpu")
+    variants = [bench.variant_candidate(v) for v in bench.runnable_variants()]
+    assert variants[-1] == "fused[python]"
+    assert bench.resolve_candidates(["fused", *variants], cpu) == ["fused", *variants]
+    assert bench.default_variant() in bench.runnable_variants()
+
+
+def test_a_variant_this_cpu_lacks_is_refused() -> None:
+    lacking = bench.unrunnable_variants()
+    if not lacking:
+        pytest.skip("this CPU runs every variant the build holds")
+    with pytest.raises(
+        ValueError,
+        match=rf"'fused\[{lacking[0]}\]'.*this CPU lacks its instructions; expected some of",
+    ):
+        bench.resolve_candidates([f"fused[{lacking[0]}]"], torch.device("cpu"))
+
+
+def test_without_the_cpp_loops_only_the_python_variant_runs(monkeypatch) -> None:
+    monkeypatch.setattr(fused_chain, "unavailable_reason", lambda: "turned off")
+    assert bench.runnable_variants() == ["python"] and bench.default_variant() == "python"
+    assert bench.isa_candidates() == ["LSTMCell loop", "nn.LSTM", "fused[python]"]
+    assert bench.file_stem(bench.machine_columns(torch.device("cpu"))).endswith("-python")
+    with pytest.raises(ValueError, match=r"not built: turned off\); expected some of"):
+        bench.resolve_candidates(["fused[generic]"], torch.device("cpu"))
+
+
+def test_preset_candidates() -> None:
+    cpu = torch.device("cpu")
+    isa = bench.isa_candidates()
+    assert isa[:2] == ["LSTMCell loop", "nn.LSTM"] and isa[-1] == "fused[python]"
+    assert isa[2:-1] == [f"fused[{v}]" for v in bench.runnable_variants()[:-1]]
+    if fused_chain.unavailable_reason() is None:
+        assert set(isa[2:-1]) == {f"fused[{v}]" for v in fused_chain.runnable_isas()}
+    assert bench.resolve_candidates(None, cpu, "isa") == isa
+    assert set(bench.resolve_candidates(None, cpu, "generation")) == {
+        "fused", "fused[python]", "MogrifierLSTMCell", "LSTMCell loop", "nn.LSTM"
+    }  # fmt: skip
+    assert "fused[python]" not in bench.resolve_candidates(None, cpu, "quick")
+
+
+def test_generation_mode_runs_every_kind_of_candidate(tmp_path) -> None:
+    before = torch.get_num_threads()
+    variants = [bench.variant_candidate(v) for v in bench.runnable_variants()]
+    candidates = ["fused", "reference", *variants, "MogrifierLSTMCell", "LSTMCell loop", "nn.LSTM"]
+    bench.main(["--mode", "generation", "--steps", "3", "--batch", "1", "--hidden-size", "8", "--layers", "2",
+                "--rounds", "2", "--threads", "1", "--repeats", "2", "--candidates", ",".join(candidates),
+                "--out", str(tmp_path), "--name", "gen"])  # fmt: skip
+    assert torch.get_num_threads() == before
+    frame = pd.read_csv(tmp_path / "gen.csv")
+    assert frame["candidate"].tolist() == candidates
+    assert (frame["mode"] == "generation").all() and (frame["threads"] == 1).all()
+    assert (frame["median_ms"] > 0).all() and (frame["peak_memory_mb"] >= 0).all()
+    assert frame["ms_per_step"].tolist() == pytest.approx((frame["median_ms"] / 3).tolist())
+    assert frame["tokens_per_s"].tolist() == pytest.approx((3e3 / frame["median_ms"]).tolist())
+    summary = (tmp_path / "gen-grid.md").read_text()
+    assert (
+        "| T=3 N=1 I=8 H=8 r=2 full L=2 float32 generation 1 thread | MogrifierLSTMCell |"
+        in summary
+    )
+
+
+def test_loop_steps_carry_each_layers_state() -> None:
+    """With no rounds the LSTMCell loop, stepped, is nn.LSTM: the state goes to the right layer."""
+    config = bench.Config(steps=4, batch=2, input_size=3, hidden_size=5, rounds=0, layers=2)
+    loop, lstm = bench.LSTMCellLoop(config), torch.nn.LSTM(3, 5, num_layers=2)
+    with torch.no_grad():
+        for layer, cell in enumerate(loop.cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(lstm, f"{name}_l{layer}").copy_(getattr(cell, name))
+    x = torch.randn(4, 2, 3)
+    output, (h_n, c_n) = lstm(x)
+    torch.testing.assert_close(loop(x), output)
+    _, state = loop.step(x[0], None)
+    for x_t in x[1:]:
+        _, state = loop.step(x_t, state)
+    torch.testing.assert_close(torch.stack([h for h, _ in state]), h_n)
+    torch.testing.assert_close(torch.stack([c for _, c in state]), c_n)
+
+
+def test_file_stem_names_the_cpu_and_variant(tmp_path) -> None:
+    columns = bench.machine_columns(torch.device("cpu"))
+    assert columns["variant"] == bench.default_variant()
+    stem = bench.file_stem(columns)
+    assert stem == f"cpu-{bench._slug(columns['device_name'])}-{columns['variant']}"
+    bench.main([*TINY, "--rounds", "1", "--mode", "inference", "--candidates", "nn.LSTM", "--no-memory",
+                "--out", str(tmp_path)])  # fmt: skip
+    frame = pd.read_csv(tmp_path / f"{stem}.csv")
+    assert frame["variant"].tolist() == [columns["variant"]]
+    assert frame["isa_flags"].tolist() == [bench.isa_flags()]
+    assert (
+        bench.file_stem({**columns, "device": "cuda", "device_name": "NVIDIA H200"})
+        == "cuda-nvidia-h200"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "summary"),
+    [
+        ("flags\t\t: fpu sse2 avx2 fma avx512f\n", "x86_64", "avx512f"),
+        ("flags\t\t: fpu sse2 avx avx2 fma\n", "x86_64", "avx2+fma"),
+        ("flags\t\t: fpu sse2 avx\n", "x86_64", "baseline"),
+        ("Features\t: fp asimd evtstrm\n", "aarch64", "neon"),
+        ("", "arm64", "neon"),
+        ("", "x86_64", "unknown"),
+    ],
+)
+def test_isa_flags(flags, machine, summary) -> None:
+    assert bench.isa_flags(flags, machine) == summary
 
 
 @pytest.mark.parametrize(
@@ -96,6 +230,12 @@ def test_presets_expand() -> None:
     [
         (["--preset", "huge"], "--preset: unknown preset 'huge'"),
         (["--candidates", "warp"], "--candidates: unknown or unavailable candidate 'warp'"),
+        (["--candidates", "fused[sse9]"], "candidate 'fused[sse9]' on cpu; expected some of ["),
+        (
+            ["--candidates", "fused[generic]", "--dtype", "float64"],
+            "force the C++ loops, which run float32 only",
+        ),
+        (["--threads", "-1"], "threads: expected >= 0 (0: torch's setting), got -1"),
         (["--device", "cuda"], "--device: CUDA was asked for"),
         (["--dtype", "float16"], "dtype: unknown dtype 'float16'"),
         (["--mode", "serving"], "mode: unknown mode 'serving'"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mogrifier_fast as mf
+import mogrifier_fast.layer as layer_module
 from mogrifier_fast.backends import fused, fused_chain, resolve
 from tests.helpers import Case, random_cases, rel_err, run_and_grad
 from tests.test_backends import (
@@ -254,3 +255,42 @@ def test_only_outputs_that_are_used_need_gradients() -> None:
             grads.append(torch.autograd.grad(pick(out, h, c), [x, *layer.parameters()]))
         for got, want in zip(*grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+CELL_OPTIONS = [
+    {"rounds": 0},
+    {"rounds": 1},
+    {"rounds": 4, "rank": 3},
+    {"rounds": 5},
+    {"rounds": 5, "share_rounds": True, "bias": False, "mogrifier_bias": False},
+]
+
+
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("options", CELL_OPTIONS, ids=str)
+def test_cell_runs_the_cpp_step(monkeypatch, options: dict, isa: str) -> None:
+    """MogrifierLSTMCell in float32 on CPU runs the C++ step; outputs and every gradient match
+    the plain-torch step in float64, batched and unbatched."""
+    force_variant(monkeypatch, isa)
+    calls = []
+    monkeypatch.setattr(
+        layer_module, "run_fused", lambda *args: calls.append(1) or fused.run_fused(*args)
+    )
+    torch.manual_seed(3)
+    cell = mf.MogrifierLSTMCell(7, 10, **options)
+    exact = mf.MogrifierLSTMCell(7, 10, **options, dtype=torch.float64)
+    exact.load_state_dict({k: v.double() for k, v in cell.state_dict().items()})
+    for shape in [(5,), ()]:
+        x, h0, c0 = torch.randn(*shape, 7), torch.randn(*shape, 10), torch.randn(*shape, 10)
+        inputs = [t.requires_grad_() for t in (x, h0, c0)]
+        exact_inputs = [t.detach().double().requires_grad_() for t in (x, h0, c0)]
+        want = exact(exact_inputs[0], tuple(exact_inputs[1:]))  # float64: plain torch
+        got = cell(inputs[0], tuple(inputs[1:]))
+        weights = [torch.randn_like(w) for w in want]
+        got_grads = torch.autograd.grad(got, [*inputs, *cell.parameters()], weights)
+        want_grads = torch.autograd.grad(
+            want, [*exact_inputs, *exact.parameters()], [w.double() for w in weights]
+        )
+        for a, b in zip([*got, *got_grads], [*want, *want_grads], strict=True):
+            assert a.shape == b.shape and rel_err(a.double(), b) <= 1e-4
+    assert len(calls) == 2

@@ -1,4 +1,4 @@
-"""The public contract of MogrifierLSTM and MogrifierLSTMCell (DESIGN.md section 2)."""
+"""The public contract of MogrifierLSTM and MogrifierLSTMCell (the README's "Contract")."""
 
 from __future__ import annotations
 

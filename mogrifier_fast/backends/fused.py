@@ -34,7 +34,7 @@ from mogrifier_fast.backends import Backend, fused_chain, needs_backward, refuse
 from mogrifier_fast.mogrify import LayerParams
 
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
-# through addmm on the CPUs measured (DESIGN.md section 4); below it, oneDNN's fixed cost per
+# through addmm on the CPUs measured; below it, oneDNN's fixed cost per
 # call (~12 us) dominates. From ONEDNN_PACK_MACS on, packing the weight once per call (~0.1-0.2
 # ms) pays for itself within a few dozen steps.
 ONEDNN_MIN_MACS = 1 << 21

@@ -112,9 +112,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _runnable() -> tuple[str, ...]:
+    return tuple(torch.ops.mogrifier_fast.isas())
+
+
 def runnable_isas() -> list[str]:
     """The instruction-set variants this CPU executes, best first (the loops must be built)."""
-    return list(torch.ops.mogrifier_fast.isas())
+    return list(_runnable())
 
 
 def compiled_isas() -> list[str]:

@@ -234,11 +234,18 @@ struct Loops {
     vec acc[MO][MB];
     for (int o = 0; o < MO; ++o)
       for (int b = 0; b < MB; ++b) acc[o][b] = vec{};
-    for (int64_t k = 0; k < K_; k += L) {
-      const int64_t n = std::min(L, K_ - k);
+    int64_t k = 0;
+    for (; k + L <= K_; k += L) {
       vec wv[MO], uv[MB];
-      for (int o = 0; o < MO; ++o) wv[o] = load(w + o * ldw + k, n);
-      for (int b = 0; b < MB; ++b) uv[b] = load(u + b * ldu + k, n);
+      for (int o = 0; o < MO; ++o) wv[o] = load(w + o * ldw + k);
+      for (int b = 0; b < MB; ++b) uv[b] = load(u + b * ldu + k);
+      for (int o = 0; o < MO; ++o)
+        for (int b = 0; b < MB; ++b) acc[o][b] += wv[o] * uv[b];
+    }
+    if (k < K_) {  // the last, partial vector
+      vec wv[MO], uv[MB];
+      for (int o = 0; o < MO; ++o) wv[o] = load(w + o * ldw + k, K_ - k);
+      for (int b = 0; b < MB; ++b) uv[b] = load(u + b * ldu + k, K_ - k);
       for (int o = 0; o < MO; ++o)
         for (int b = 0; b < MB; ++b) acc[o][b] += wv[o] * uv[b];
     }
