@@ -544,7 +544,8 @@ def torch_threads(count: int) -> Iterator[int]:
     try:
         yield torch.get_num_threads()
     finally:
-        torch.set_num_threads(previous)
+        if count:
+            torch.set_num_threads(previous)
 
 
 def _within(

@@ -127,7 +127,7 @@ def test_a_variant_this_cpu_lacks_is_refused() -> None:
         pytest.skip("this CPU runs every variant the build holds")
     with pytest.raises(
         ValueError,
-        match=rf"'fused\[{lacking[0]}\]'.*this CPU lacks its instructions; expected some of",
+        match=rf"'fused\[{lacking[0]}\]'.*this CPU lacks its instructions\); expected some of",
     ):
         bench.resolve_candidates([f"fused[{lacking[0]}]"], torch.device("cpu"))
 
@@ -170,10 +170,9 @@ def test_generation_mode_runs_every_kind_of_candidate(tmp_path) -> None:
     assert frame["ms_per_step"].tolist() == pytest.approx((frame["median_ms"] / 3).tolist())
     assert frame["tokens_per_s"].tolist() == pytest.approx((3e3 / frame["median_ms"]).tolist())
     summary = (tmp_path / "gen-grid.md").read_text()
-    assert (
-        "| T=3 N=1 I=8 H=8 r=2 full L=2 float32 generation 1 thread | MogrifierLSTMCell |"
-        in summary
-    )
+    line = next(line for line in summary.splitlines() if "| MogrifierLSTMCell |" in line)
+    assert line.startswith("| T=3 N=1 I=8 H=8 r=2 full L=2 float32 generation |")
+    assert line.endswith("| 1 |")  # the threads column
 
 
 def test_loop_steps_carry_each_layers_state() -> None:

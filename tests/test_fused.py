@@ -294,3 +294,28 @@ def test_cell_runs_the_cpp_step(monkeypatch, options: dict, isa: str) -> None:
         for a, b in zip([*got, *got_grads], [*want, *want_grads], strict=True):
             assert a.shape == b.shape and rel_err(a.double(), b) <= 1e-4
     assert len(calls) == 2
+
+
+def test_build_command_reports_the_variants(capsys) -> None:
+    skip_without_cpp_loops()
+    from mogrifier_fast import build
+
+    assert build.main() == 0
+    out = capsys.readouterr().out
+    assert "C++ loops already built" in out
+    assert f"this CPU runs: {', '.join(fused_chain.runnable_isas())}" in out
+
+
+def test_first_build_says_so_once_on_stderr(monkeypatch, tmp_path, capsys) -> None:
+    """A build (not a load from the cache) starts with one line on stderr, not a warning."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
+    assert fused_chain.build() is not None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "building the C++ loops" in err[0]
+    assert "python -m mogrifier_fast.build" in err[0]
+    (tmp_path / f"{fused_chain._build_name()}.so").touch()
+    assert fused_chain.build() is None
+    assert capsys.readouterr().err == ""

@@ -4,9 +4,10 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
 
 * **Powers of two folded into weights.** Round j computes ``v_j = 2 σ(W_j v_{j-1} + b_j) ⊙ v_{j-2}``
   (with ``v_{-1} = x``, ``v_0 = h``). Writing ``v_j = 2^{d_j} u_j`` (d_j rounds have doubled it)
-  gives ``u_j = σ(2^{d_{j-1}} W_j u_{j-1} + b_j) ⊙ u_{j-2}``: the doublings move into the weights,
-  scaled once per call (exactly: powers of two), so a round is one product, one in-place
-  sigmoid and one multiply.
+  gives ``u_j = σ(2^{d_{j-1}} W_j u_{j-1} + b_j) ⊙ u_{j-2}``: the doublings move into the weights
+  (exactly: powers of two), so a round is one product, one in-place sigmoid and one multiply.
+  The Python loops scale copies of the weights once per call; the C++ loops fold the scales in
+  as they pack the weights, or apply them to the product when they read the weights in place.
 * **Each state written once, where it is read.** The two states that enter the gate product are
   written straight into their halves of the concatenated [x, h] row block, so the gate product
   is one GEMM; the others live in per-state buffers kept for the backward.
@@ -16,7 +17,8 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
   dh, dc and the round gradients; every weight gradient is one GEMM over all T·B rows.
 * **Two ways to run the loops, on the same buffers**: in float32 on CPU, the C++ loops of
   :mod:`mogrifier_fast.backends.fused_chain` (where they build; they also form the weight
-  gradients); otherwise Python loops of torch ops, with oneDNN's linear on CPU in float32 for
+  gradients; one :class:`~mogrifier_fast.backends.fused_chain.NativeCall` per call, decided
+  once); otherwise Python loops of torch ops, with oneDNN's linear on CPU in float32 for
   per-step products of at least ``ONEDNN_MIN_MACS`` multiply-adds (the weight packed once per
   call from ``ONEDNN_PACK_MACS``) and ``addmm`` elsewhere (always correct). Under ``no_grad``
   nothing is kept for a backward.
