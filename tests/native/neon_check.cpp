@@ -573,11 +573,12 @@ int main() {
   expected_checks += 1;
   expected_comparisons += 1;
 
-  // n below, at and past whole vectors (4) and register tiles (12 columns); R past one block of
-  // the product (256 rows); m past the tiles' rows (6 and 8); R = 1 and the empty sum R = 0.
-  const Shape shapes[] = {{1, 1, 1},     {1, 8, 12},    {1, 13, 25}, {2, 5, 3},
-                          {7, 9, 13},    {19, 16, 24},  {33, 6, 4},  {64, 20, 50},
-                          {300, 11, 37}, {257, 24, 17}, {0, 3, 5}};
+  // m leaving every tail of the tiles' rows (8 and 6); n leaving 1 to 3 vectors of a 12-column
+  // group, the last one whole or holding 1 to 3 columns; R past one block (256 rows), R = 1 and
+  // the empty sum R = 0.
+  const Shape shapes[] = {{1, 1, 1},     {1, 8, 12},    {1, 13, 25}, {2, 10, 6},
+                          {7, 7, 23},    {19, 16, 24},  {33, 6, 4},  {64, 20, 50},
+                          {300, 11, 37}, {257, 15, 31}, {5, 2, 2},   {0, 3, 5}};
   for (const Shape& s : shapes)
     for (int threads : {1, 2}) {
       check_rows_product(tally, neon, generic, s, threads, rng);
@@ -585,12 +586,13 @@ int main() {
       expected_comparisons += 1;
     }
 
-  // Every round count, map kind, bias, size and plan; batch rows 1, 3, 19 in turn and one step
-  // in every seventh configuration (periods prime to the others', so each meets every plan).
+  // Every round count, map kind, bias, size and plan; batch rows in turn (1, 3, 19, 7, 14: tails
+  // of the tiles' rows, split or not) and one step in every seventh configuration (periods
+  // prime to the plans' 6, so each meets every plan).
   const Plan plans[] = {{1, false, true},  {2, false, true},  {2, true, true},
                         {1, false, false}, {2, false, false}, {2, true, false}};
   const int64_t sizes[][2] = {{7, 10}, {33, 50}};
-  const int64_t batch_rows[] = {1, 3, 19};
+  const int64_t batch_rows[] = {1, 3, 19, 7, 14};
   int64_t index = 0;
   for (int64_t rounds : {0, 1, 4, 5})
     for (Maps maps : {Maps::dense, Maps::low_rank, Maps::shared}) {
@@ -598,7 +600,7 @@ int main() {
       for (bool bias : {false, true})
         for (const auto& size : sizes)
           for (const Plan& plan : plans) {
-            const int64_t steps = index % 7 == 3 ? 1 : 3, rows = batch_rows[index % 3];
+            const int64_t steps = index % 7 == 3 ? 1 : 3, rows = batch_rows[index % 5];
             const Config c{rounds, maps, bias, steps, rows, size[0], size[1], plan};
             check_layer(tally, neon, generic, c, rng);
             expected_checks += 2;
