@@ -103,8 +103,8 @@ PLANS = [(1, False), (2, False), (3, False), (2, True), (3, True)]
 
 def force_variant(monkeypatch, isa: str, packed: bool | None = None) -> None:
     monkeypatch.setattr(fused_chain, "isa", lambda: isa)
-    if packed is not None:  # packed panels from the first step, or weights read in place always
-        monkeypatch.setattr(fused_chain, "PACK_MIN_STEPS", 0 if packed else 1 << 30)
+    if packed is not None:  # packed panels, or weights read in place, whatever the sizes
+        monkeypatch.setattr(fused_chain, "packs", lambda steps, rows: packed)
 
 
 def force_plan(monkeypatch, threads: int, split_rows: bool) -> None:
