@@ -94,13 +94,17 @@ struct Loops {
   }
   // Every lane a (no +0.0 added: exact for a = -0.0, and a plain broadcast).
   static vec splat(float a) { return splat_lanes(a, std::make_index_sequence<Tile::VL>()); }
-  // n < L: the first n lanes (the rest zero on load, untouched on store).
+  // n < L: the first n lanes (the rest zero on load, untouched on store), read by the tile's
+  // masked load where it has one (Tile::load_partial), else through memory.
   static vec load(const float* p, int64_t n = L) {
     vec v = {};
-    if (n == L)
+    if (n == L) {
       std::memcpy(&v, p, sizeof v);
-    else
+    } else if constexpr (requires { Tile::load_partial(p, n); }) {
+      v = (vec)Tile::load_partial(p, n);
+    } else {
       std::memcpy(&v, p, n * sizeof(float));
+    }
     return v;
   }
   static void store(float* p, vec v, int64_t n = L) {
