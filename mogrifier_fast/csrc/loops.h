@@ -426,16 +426,25 @@ struct Loops {
     }
     return products;
   }
-  static std::vector<std::vector<Product>> all_round_products(const Params& p, bool backward,
-                                                              const Plan& plan) {
-    std::vector<std::vector<Product>> maps;
-    for (int64_t j = 0; j < p.rounds; ++j) {
-      maps.push_back(round_products(p.maps[j], backward));
-      if (plan.packed)
-        for (Product& product : maps.back()) product.pack(team_size(plan.threads));
+  // One call's products, forward or backward: each round's, then the gates', packed when the
+  // plan says so; and the width of scratch rows that holds any one of their results.
+  struct LayerProducts {
+    std::vector<std::vector<Product>> rounds;
+    Product gates;
+    int64_t scratch_width;
+
+    LayerProducts(const Params& p, bool backward, const Plan& plan)
+        : gates(backward ? gates_backward(p) : gates_forward(p)) {
+      for (int64_t j = 0; j < p.rounds; ++j) rounds.push_back(round_products(p.maps[j], backward));
+      scratch_width = gates.padded_width();
+      for (auto& m : rounds)
+        for (auto& product : m) scratch_width = std::max(scratch_width, product.padded_width());
+      if (!plan.packed) return;
+      gates.pack(team_size(plan.threads));
+      for (auto& m : rounds)
+        for (auto& product : m) product.pack(team_size(plan.threads));
     }
-    return maps;
-  }
+  };
 
   // ---- the states -----------------------------------------------------------------------------
 
@@ -497,9 +506,9 @@ struct Loops {
     const int64_t rounds = p.rounds;
     const int threads = team_size(f.plan.threads);
     const States state(p, f.x, f.h0, f.output, f.saved);
-    const std::vector<std::vector<Product>> maps = all_round_products(p, false, f.plan);
-    Product gates = gates_forward(p);
-    if (f.plan.packed) gates.pack(threads);
+    const LayerProducts products(p, false, f.plan);
+    const auto& maps = products.rounds;
+    const Product& gates = products.gates;
     // The gates' bias, folded: b_ih + b_hh, the g gate's doubled.
     std::vector<float> gate_bias;
     if (p.b_ih != nullptr) {
@@ -508,9 +517,7 @@ struct Loops {
         gate_bias[n] = (p.b_ih[n] + p.b_hh[n]) * (n / H == 2 ? 2.0f : 1.0f);
     }
     const float* gate_b = gate_bias.empty() ? nullptr : gate_bias.data();
-    int64_t scratch_width = gates.padded_width();
-    for (const auto& m : maps)
-      for (const auto& product : m) scratch_width = std::max(scratch_width, product.padded_width());
+    const int64_t scratch_width = products.scratch_width;
     std::vector<float> scratch_buffer(rows * scratch_width);
     float* const scratch = scratch_buffer.data();
     const int64_t hp = gates.panels() / 4;  // panels per gate
@@ -613,9 +620,9 @@ struct Loops {
     const int64_t rounds = p.rounds;
     const int threads = team_size(g.plan.threads);
     const States state(p, g.x, g.h0, g.output, g.saved);
-    const std::vector<std::vector<Product>> maps = all_round_products(p, true, g.plan);
-    Product gates = gates_backward(p);
-    if (g.plan.packed) gates.pack(threads);
+    const LayerProducts products(p, true, g.plan);
+    const auto& maps = products.rounds;
+    const Product& gates = products.gates;
     const int64_t ip = round_up(I);
     // The gradient of each state u_s (s = 0 .. r) within a step, padded to whole vectors.
     std::vector<std::vector<float>> grad_state_buffers;
@@ -631,8 +638,7 @@ struct Loops {
               &tc_s = g.saved.tanh_c, &cells = g.saved.cells2, &dact = g.grad_act;
     std::vector<float> dc2(rows * H);  // the gradient of the doubled cell
     for (int64_t i = 0; i < rows * H; ++i) dc2[i] = g.grad_c[i] / 2.0f;
-    int64_t scratch_width = gates.padded_width();
-    for (const auto& m : maps) scratch_width = std::max(scratch_width, m[0].padded_width());
+    const int64_t scratch_width = products.scratch_width;
     std::vector<float> scratch_buffer(rows * scratch_width);
     float* const scratch = scratch_buffer.data();
     const int64_t hp = round_up(H) / L;
