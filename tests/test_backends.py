@@ -63,14 +63,20 @@ CASES = FEATURE_CASES + random_cases(24, seed=1)
 # and gradcheck on a smaller layer, so the suite stays within a few minutes on a 2-core machine.
 SLOW_BACKENDS = {"compile", "triton", "persistent"}
 FEW_CASES = FEATURE_CASES + CASES[len(FEATURE_CASES) :: 8]
+# "compile" compiles the step anew for each layer configuration (20-50 s each on these 2-core
+# machines): it runs the feature cases that change the step's code (no rounds, dense, low rank,
+# shared maps, no biases, bidirectional and stacked); the layer-level features (batch_first,
+# unbatched input, hx) run the same backend call and are checked on every other backend.
+COMPILE_CASES = [FEATURE_CASES[i] for i in (0, 1, 2, 3, 4, 6)]
 
 
 def cases_for(dtype_stride: int = 1) -> list:
     """(backend, case) pairs for every available backend; every ``dtype_stride``-th case."""
+    chosen = {"compile": COMPILE_CASES, **dict.fromkeys(SLOW_BACKENDS - {"compile"}, FEW_CASES)}
     return [
         pytest.param(backend, case, id=f"{backend}-{case.name}")
         for backend in BACKENDS
-        for case in (FEW_CASES if backend in SLOW_BACKENDS else CASES)[::dtype_stride]
+        for case in chosen.get(backend, CASES)[::dtype_stride]
     ]
 
 
