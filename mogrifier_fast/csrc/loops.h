@@ -311,7 +311,7 @@ struct Loops {
   struct Product {
     int64_t K = 0, panel_count = 0;
     std::vector<Block> blocks;
-    std::vector<float> packed;  // empty: not packed
+    std::unique_ptr<float[]> packed;  // null: not packed
 
     void add_block(int64_t width, std::vector<Term> terms) {
       blocks.push_back({width, panel_count, std::move(terms)});
@@ -320,25 +320,33 @@ struct Loops {
     int64_t panels() const { return panel_count; }
     int64_t padded_width() const { return panel_count * L; }
 
+    // Each panel written once: a block's last panel zero past the block's width. A parameter
+    // read by columns is transposed in blocks of K_BLOCK of its columns, which stay in L1.
     void pack(int threads) {
-      packed.assign(panel_count * K * L, 0.0f);
+      static constexpr int64_t K_BLOCK = 64;
+      packed.reset(new float[panel_count * K * L]);
       for (const Block& block : blocks) {
         const int64_t block_panels = round_up(block.width) / L;
 #pragma omp parallel for num_threads(threads) if (K * block.width >= (1 << 16))
         for (int64_t q = 0; q < block_panels; ++q) {
-          float* panel = packed.data() + (block.first_panel + q) * K * L;
+          float* panel = packed.get() + (block.first_panel + q) * K * L;
           const int64_t n0 = q * L, n1 = std::min(block.width, n0 + L);
           for (const Term& t : block.terms) {
             if (t.by_column) {
-              for (int64_t n = n0; n < n1; ++n)
-                for (int64_t k = t.k0; k < t.k1; ++k)
-                  panel[k * L + n - n0] = t.scale * t.data[n * t.ld + k - t.k0];
+              for (int64_t k0 = t.k0; k0 < t.k1; k0 += K_BLOCK)
+                for (int64_t n = n0; n < n1; ++n) {
+                  const float* column = t.data + n * t.ld - t.k0;
+                  for (int64_t k = k0; k < std::min(t.k1, k0 + K_BLOCK); ++k)
+                    panel[k * L + n - n0] = t.scale * column[k];
+                }
             } else {
               for (int64_t k = t.k0; k < t.k1; ++k)
                 for (int64_t n = n0; n < n1; ++n)
                   panel[k * L + n - n0] = t.scale * t.data[(k - t.k0) * t.ld + n];
             }
           }
+          if (n1 - n0 < L)
+            for (int64_t k = 0; k < K; ++k) std::fill(panel + k * L + n1 - n0, panel + (k + 1) * L, 0.0f);
         }
       }
     }
@@ -347,8 +355,8 @@ struct Loops {
     void run(const float* a, int64_t lda, int64_t rows, int64_t p0, int64_t p1, float* c,
              int64_t ldc, bool accumulate) const {
       if (rows <= 0 || p0 >= p1) return;
-      if (!packed.empty()) {
-        const Operands o{a, lda, 1, packed.data(), L, K * L, K};
+      if (packed) {
+        const Operands o{a, lda, 1, packed.get(), L, K * L, K};
         return tiles(o, rows, p0, p1, {c, ldc, accumulate, 1.0f}, L);
       }
       for (const Block& block : blocks) {
