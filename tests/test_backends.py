@@ -64,10 +64,12 @@ CASES = FEATURE_CASES + random_cases(24, seed=1)
 SLOW_BACKENDS = {"compile", "triton", "persistent"}
 FEW_CASES = FEATURE_CASES + CASES[len(FEATURE_CASES) :: 8]
 # "compile" compiles the step from mogrify.py (the reference's own step, checked on every case)
-# anew for each layer structure, 10-50 s each on these 2-core machines with a cold cache: it
-# runs three feature cases between them covering low rank with an even round count, no biases,
-# and dense maps in a stacked bidirectional layer.
-COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 4, 6)]
+# anew for each layer structure and dtype, about 20 s each on these 2-core machines with a cold
+# cache: it runs two feature cases, low rank with an even round count and dense maps in a
+# stacked bidirectional layer, and is left out of the size, determinism and double-backward
+# checks (the step it compiles has no size-dependent code of its own; its autograd is torch's).
+COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 6)]
+LIGHT_BACKENDS = [b for b in BACKENDS if b != "compile"]
 
 
 def cases_for(dtype_stride: int = 1) -> list:
@@ -130,7 +132,7 @@ def test_matches_oracle_float32(backend: str, case: Case) -> None:
     check_against_oracle(backend, case, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LIGHT_BACKENDS)
 def test_larger_sizes_float32(backend: str) -> None:
     """Sizes past any small-size special case (vector widths, blocks), low rank included."""
     for rank in (None, 16):
@@ -172,7 +174,7 @@ def test_gradcheck(backend: str) -> None:
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LIGHT_BACKENDS)
 def test_double_backward_works_or_raises_clearly(backend: str) -> None:
     skip_if_float64_refused(backend)
     case = Case({"input_size": 2, "hidden_size": 3, "rounds": 3}, steps=2, batch=2)
@@ -187,7 +189,7 @@ def test_double_backward_works_or_raises_clearly(backend: str) -> None:
         assert "twice" in str(error) or "double backward" in str(error), str(error)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LIGHT_BACKENDS)
 def test_backend_is_deterministic(backend: str) -> None:
     case = Case({"input_size": 4, "hidden_size": 5, "rounds": 5, "num_layers": 2}, steps=5, batch=3)
     layer, x, hx = case.build(dtype=torch.float32, backend=backend, device=DEVICE)
