@@ -172,9 +172,25 @@ struct SavedBuffers {
   }
 };
 
-Plan plan(int64_t threads, bool split_rows, bool packed) {
-  return {static_cast<int>(std::max<int64_t>(1, threads)), split_rows, packed};
-}
+// The arguments both ops share, decoded once: the parameters, the saved buffers, and the Call
+// that points into them (so a LayerCall is built in place and never copied).
+struct LayerCall {
+  Layer layer;
+  SavedBuffers buffers;
+  Call call;
+
+  LayerCall(const c10::List<std::optional<at::Tensor>>& flat, c10::ArrayRef<double> scales,
+            c10::IntArrayRef factors, at::TensorList saved, const at::Tensor& x,
+            const at::Tensor& h0, const at::Tensor& output, int64_t threads, bool split_rows,
+            bool packed)
+      : layer(flat, scales, factors),
+        buffers(saved, layer.params),
+        call{&layer.params, x.size(0), x.size(1), seq(x, "x"), rows_of(h0, "h0"),
+             seq(output, "output"), buffers.saved,
+             Plan{static_cast<int>(std::max<int64_t>(1, threads)), split_rows, packed}} {}
+  LayerCall(const LayerCall&) = delete;
+  LayerCall& operator=(const LayerCall&) = delete;
+};
 
 void chain_forward(const std::string& isa, const at::Tensor& x, const at::Tensor& h0,
                    const at::Tensor& c0, const c10::List<std::optional<at::Tensor>>& flat,
@@ -182,12 +198,8 @@ void chain_forward(const std::string& isa, const at::Tensor& x, const at::Tensor
                    at::TensorList saved, const at::Tensor& output, const at::Tensor& c_last,
                    bool keep, int64_t threads, bool split_rows, bool packed) {
   const Kernels& kernels = kernels_for(isa);
-  const Layer layer(flat, scales, factors);
-  const SavedBuffers buffers(saved, layer.params);
-  ForwardArgs args{&layer.params, x.size(0), x.size(1), seq(x, "x"), rows_of(h0, "h0"),
-                   rows_of(c0, "c0"), seq(output, "output"), rows_of(c_last, "c_last"),
-                   buffers.saved, keep, plan(threads, split_rows, packed)};
-  kernels.forward(args);
+  const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed);
+  kernels.forward({c.call, rows_of(c0, "c0"), rows_of(c_last, "c_last"), keep});
 }
 
 void chain_backward(const std::string& isa, const at::Tensor& grad_output,
@@ -200,9 +212,8 @@ void chain_backward(const std::string& isa, const at::Tensor& grad_output,
                     const c10::List<std::optional<at::Tensor>>& grad_inners, int64_t threads,
                     bool split_rows, bool packed) {
   const Kernels& kernels = kernels_for(isa);
-  const Layer layer(flat, scales, factors);
-  const Params& p = layer.params;
-  const SavedBuffers buffers(saved, p);
+  const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed);
+  const Params& p = c.layer.params;
   // grad_pre: the gates' pre-activation gradients (4H wide), then each round's.
   std::vector<Seq> grad_z, grad_inner;
   int64_t offset = 4 * p.hidden_size;
@@ -214,24 +225,10 @@ void chain_backward(const std::string& isa, const at::Tensor& grad_output,
   }
   TORCH_CHECK(grad_pre.size(2) == offset, "mogrifier_fast: grad_pre is ", grad_pre.size(2),
               " wide, expected ", offset);
-  BackwardArgs args{&p,
-                    x.size(0),
-                    x.size(1),
-                    seq(grad_output, "grad_output"),
-                    rows_of(grad_h, "grad_h"),
-                    rows_of(grad_c, "grad_c"),
-                    seq(x, "x"),
-                    seq(output, "output"),
-                    rows_of(h0, "h0"),
-                    buffers.saved,
-                    seq(grad_x, "grad_x"),
-                    rows_of(grad_h0, "grad_h0"),
-                    rows_of(grad_c0, "grad_c0"),
-                    seq(grad_pre, "grad_pre"),
-                    grad_z.data(),
-                    grad_inner.data(),
-                    plan(threads, split_rows, packed)};
-  kernels.backward(args);
+  kernels.backward({c.call, seq(grad_output, "grad_output"), rows_of(grad_h, "grad_h"),
+                    rows_of(grad_c, "grad_c"), seq(grad_x, "grad_x"),
+                    rows_of(grad_h0, "grad_h0"), rows_of(grad_c0, "grad_c0"),
+                    seq(grad_pre, "grad_pre"), grad_z.data(), grad_inner.data()});
 }
 
 at::Tensor rows_product(const std::string& isa, const at::Tensor& a, const at::Tensor& b,
@@ -245,9 +242,10 @@ at::Tensor rows_product(const std::string& isa, const at::Tensor& a, const at::T
   const int64_t m = a.size(1), n = b.size(1), vl = kernels.vector_width;
   const int64_t width = (n + vl - 1) / vl * vl;
   at::Tensor c = at::empty({m, width}, a.options());
+  const int team = static_cast<int>(std::max<int64_t>(1, threads));
   kernels.rows_product({a.data_ptr<float>(), b.data_ptr<float>(), a.stride(0), b.stride(0),
-                        a.size(0), m, n, c.data_ptr<float>(), width,
-                        static_cast<float>(scale), static_cast<int>(std::max<int64_t>(1, threads))});
+                        a.size(0), m, n, c.data_ptr<float>(), width, static_cast<float>(scale),
+                        team});
   return width == n ? c : c.narrow(1, 0, n);
 }
 

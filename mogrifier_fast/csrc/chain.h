@@ -71,35 +71,35 @@ struct Plan {
   bool packed = true;
 };
 
-struct ForwardArgs {
+// What the forward and the backward of one layer-direction's call both read.
+struct Call {
   const Params* params;
   int64_t steps, rows;
   Seq x;                          // (T, B, I)
   const float* h0;                // (B, H), contiguous
-  const float* c0;                // (B, H), contiguous
-  Seq output;                     // (T, B, H)
-  float* c_last;                  // (B, H), contiguous
+  Seq output;                     // (T, B, H): the forward's result, the backward's input
   Saved saved;
-  bool keep;
   Plan plan;
 };
 
+struct ForwardArgs {
+  Call call;
+  const float* c0;                // (B, H), contiguous
+  float* c_last;                  // (B, H), contiguous
+  bool keep;
+};
+
 struct BackwardArgs {
-  const Params* params;
-  int64_t steps, rows;
+  Call call;
   Seq grad_output;                // (T, B, H)
   const float* grad_h;            // (B, H), contiguous
   const float* grad_c;            // (B, H), contiguous
-  Seq x, output;                  // (T, B, I), (T, B, H)
-  const float* h0;                // (B, H), contiguous
-  Saved saved;
   Seq grad_x;                     // (T, B, I)
   float* grad_h0;                 // (B, H), contiguous
   float* grad_c0;                 // (B, H), contiguous
   Seq grad_act;                   // (T, B, 4H)
   const Seq* grad_z;              // per round (T, B, width of u_j)
   const Seq* grad_inners;         // per round (T, B, k), base null when dense
-  Plan plan;
 };
 
 // c (m, ldc >= n rounded up to whole vectors) = scale · a^T b over R rows: a (R, m), b (R, n),

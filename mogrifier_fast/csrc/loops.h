@@ -1,8 +1,8 @@
 // The time loops of backend "fused" and its weight-gradient product, templated on a micro-kernel
 // description Tile (see the isa_*.cpp files):
 //   Tile::VL  floats per vector (and columns per packed panel),
-//   Tile::MR  rows of the register tile, Tile::NV its vectors (the tile is MR x NV·VL floats: MR·NV
-//             accumulators, NV vectors of B and one broadcast of A live at once).
+//   Tile::MR  rows of the register tile, Tile::NV its vectors (the tile is MR x NV·VL floats:
+//             MR·NV accumulators, NV vectors of B and one broadcast of A live at once).
 // Included by each isa_*.cpp file after it sets its instruction set, and only there: the
 // anonymous namespace gives every such file its own copy.
 //
@@ -195,8 +195,11 @@ struct Loops {
   template <int NV, bool PARTIAL>
   static void row_tiles(Operands o, int64_t rows, Out out, int64_t last) {
     int64_t i = 0;
-    for (; i + Tile::MR <= rows; i += Tile::MR, o.a += Tile::MR * o.a_row, out.c += Tile::MR * out.ldc)
+    for (; i + Tile::MR <= rows; i += Tile::MR) {
       tile<Tile::MR, NV, PARTIAL>(o, out, last);
+      o.a += Tile::MR * o.a_row;
+      out.c += Tile::MR * out.ldc;
+    }
     row_tail<NV, PARTIAL, Tile::MR - 1>(o, rows - i, out, last);
   }
   template <int NV, bool PARTIAL, int M>
@@ -346,7 +349,8 @@ struct Loops {
             }
           }
           if (n1 - n0 < L)
-            for (int64_t k = 0; k < K; ++k) std::fill(panel + k * L + n1 - n0, panel + (k + 1) * L, 0.0f);
+            for (int64_t k = 0; k < K; ++k)
+              std::fill(panel + k * L + n1 - n0, panel + (k + 1) * L, 0.0f);
         }
       }
     }
@@ -391,8 +395,9 @@ struct Loops {
     product.K = I + H;
     for (int64_t g = 0; g < 4; ++g) {
       const float gate = g == 2 ? 2.0f : 1.0f;
-      product.add_block(H, {{0, I, p.w_ih.data + g * H * p.w_ih.ld, p.w_ih.ld, gate * p.scale_x, true},
-                            {I, I + H, p.w_hh.data + g * H * p.w_hh.ld, p.w_hh.ld, gate * p.scale_h, true}});
+      const Matrix &x = p.w_ih, &h = p.w_hh;
+      product.add_block(H, {{0, I, x.data + g * H * x.ld, x.ld, gate * p.scale_x, true},
+                            {I, I + H, h.data + g * H * h.ld, h.ld, gate * p.scale_h, true}});
     }
     return product;
   }
@@ -441,8 +446,10 @@ struct Loops {
     Product gates;
     int64_t scratch_width;
 
-    LayerProducts(const Params& p, bool backward, const Plan& plan)
-        : gates(backward ? gates_backward(p) : gates_forward(p)) {
+    LayerProducts(const Call& c, bool backward)
+        : gates(backward ? gates_backward(*c.params) : gates_forward(*c.params)) {
+      const Params& p = *c.params;
+      const Plan& plan = c.plan;
       for (int64_t j = 0; j < p.rounds; ++j) rounds.push_back(round_products(p.maps[j], backward));
       scratch_width = gates.padded_width();
       for (auto& m : rounds)
@@ -462,10 +469,10 @@ struct Loops {
     Seq x, output, xh, h0;
     const Seq* kept;
 
-    States(const Params& p, const Seq& x_, const float* h0_, const Seq& output_, const Saved& s)
-        : rounds(p.rounds), input_size(p.input_size), hidden_size(p.hidden_size), x(x_),
-          output(output_), xh(s.xh), h0{const_cast<float*>(h0_), 0, p.hidden_size},
-          kept(s.states) {
+    explicit States(const Call& c)
+        : rounds(c.params->rounds), input_size(c.params->input_size),
+          hidden_size(c.params->hidden_size), x(c.x), output(c.output), xh(c.saved.xh),
+          h0{const_cast<float*>(c.h0), 0, c.params->hidden_size}, kept(c.saved.states) {
       x_final = rounds % 2 ? rounds : rounds - 1;
       h_final = rounds % 2 ? rounds - 1 : rounds;
     }
@@ -509,12 +516,13 @@ struct Loops {
   // ---- the forward --------------------------------------------------------------------------
 
   static void forward(const ForwardArgs& f) {
-    const Params& p = *f.params;
-    const int64_t steps = f.steps, rows = f.rows, I = p.input_size, H = p.hidden_size;
+    const Call& c = f.call;
+    const Params& p = *c.params;
+    const int64_t steps = c.steps, rows = c.rows, I = p.input_size, H = p.hidden_size;
     const int64_t rounds = p.rounds;
-    const int threads = team_size(f.plan.threads);
-    const States state(p, f.x, f.h0, f.output, f.saved);
-    const LayerProducts products(p, false, f.plan);
+    const int threads = team_size(c.plan.threads);
+    const States state(c);
+    const LayerProducts products(c, false);
     const auto& maps = products.rounds;
     const Product& gates = products.gates;
     // The gates' bias, folded: b_ih + b_hh, the g gate's doubled.
@@ -529,18 +537,18 @@ struct Loops {
     std::vector<float> scratch_buffer(rows * scratch_width);
     float* const scratch = scratch_buffer.data();
     const int64_t hp = gates.panels() / 4;  // panels per gate
-    const Seq &act_s = f.saved.act, &g2_s = f.saved.tanh_g2, &tc_s = f.saved.tanh_c;
-    const Seq cells = f.saved.cells2;
+    const Seq &act_s = c.saved.act, &g2_s = c.saved.tanh_g2, &tc_s = c.saved.tanh_c;
+    const Seq cells = c.saved.cells2;
     for (int64_t b = 0; b < rows; ++b)
       for (int64_t u = 0; u < H; ++u) cells.at(0, b)[u] = 2.0f * f.c0[b * H + u];
     if (state.h_final == 0)  // later steps: copied in the loop
       for (int64_t b = 0; b < rows; ++b)
-        std::memcpy(state.xh.at(0, b) + I, f.h0 + b * H, H * sizeof(float));
+        std::memcpy(state.xh.at(0, b) + I, c.h0 + b * H, H * sizeof(float));
     const int64_t last_cell = f.keep ? steps : steps % 2;
 
 #pragma omp parallel num_threads(threads)
     {
-      const Part part(rows, f.plan.split_rows, Tile::MR);
+      const Part part(rows, c.plan.split_rows, Tile::MR);
       const int64_t r0 = part.row_begin, r1 = part.row_end;
       float* const c_rows = scratch + r0 * scratch_width;
       for (int64_t t = 0; t < steps; ++t) {
@@ -560,7 +568,7 @@ struct Loops {
           const float* in = state.at(j - 1, t, r0);
           int64_t lda = state.rows(j - 1, t).ld;
           if (m.size() == 2)  // low rank: the inner value first
-            in = inner_value(part, in, lda, m[0], scratch, scratch_width, f.saved.inners[j - 1], t);
+            in = inner_value(part, in, lda, m[0], scratch, scratch_width, c.saved.inners[j - 1], t);
           const Product& out_map = m.back();
           const float* bias = p.maps[j - 1].bias;
           const Share share = part.columns(out_map.panels());
@@ -569,7 +577,7 @@ struct Loops {
           for (int64_t b = r0; b < r1; ++b) {
             const float* gated = state.at(j - 2, t, b);
             float* u = state.at(j, t, b);
-            float* s_out = f.saved.sig[j - 1].at(t, b);
+            float* s_out = c.saved.sig[j - 1].at(t, b);
             for (int64_t c = share.begin * L; c < c1; c += L) {
               const int64_t n = std::min(L, c1 - c);
               vec z = load(scratch + b * scratch_width + c);
@@ -623,12 +631,13 @@ struct Loops {
   // pre-activations), grad_z (each round's pre-activation) and grad_inners (a low-rank round's
   // inner value), from which fused.py forms the weight gradients.
   static void backward(const BackwardArgs& g) {
-    const Params& p = *g.params;
-    const int64_t steps = g.steps, rows = g.rows, I = p.input_size, H = p.hidden_size;
+    const Call& c = g.call;
+    const Params& p = *c.params;
+    const int64_t steps = c.steps, rows = c.rows, I = p.input_size, H = p.hidden_size;
     const int64_t rounds = p.rounds;
-    const int threads = team_size(g.plan.threads);
-    const States state(p, g.x, g.h0, g.output, g.saved);
-    const LayerProducts products(p, true, g.plan);
+    const int threads = team_size(c.plan.threads);
+    const States state(c);
+    const LayerProducts products(c, true);
     const auto& maps = products.rounds;
     const Product& gates = products.gates;
     const int64_t ip = round_up(I);
@@ -642,8 +651,8 @@ struct Loops {
     auto grad_of = [&](int64_t s, int64_t t, int64_t b) -> float* {
       return s == -1 ? g.grad_x.at(t, b) : grad_state[s] + b * round_up(state.width(s));
     };
-    const Seq &go = g.grad_output, &act_s = g.saved.act, &g2_s = g.saved.tanh_g2,
-              &tc_s = g.saved.tanh_c, &cells = g.saved.cells2, &dact = g.grad_act;
+    const Seq &go = g.grad_output, &act_s = c.saved.act, &g2_s = c.saved.tanh_g2,
+              &tc_s = c.saved.tanh_c, &cells = c.saved.cells2, &dact = g.grad_act;
     std::vector<float> dc2(rows * H);  // the gradient of the doubled cell
     for (int64_t i = 0; i < rows * H; ++i) dc2[i] = g.grad_c[i] / 2.0f;
     const int64_t scratch_width = products.scratch_width;
@@ -654,7 +663,7 @@ struct Loops {
 
 #pragma omp parallel num_threads(threads)
     {
-      const Part part(rows, g.plan.split_rows, Tile::MR);
+      const Part part(rows, c.plan.split_rows, Tile::MR);
       const int64_t r0 = part.row_begin, r1 = part.row_end;
       float* const c_rows = scratch + r0 * scratch_width;
       const Share units = part.columns(hp);
@@ -703,7 +712,7 @@ struct Loops {
             const int64_t c1 = std::min(share.end * L, width);
             for (int64_t b = r0; b < r1; ++b) {
               const float* du = grad_of(j, t, b);
-              const float* s_in = g.saved.sig[j - 1].at(t, b);
+              const float* s_in = c.saved.sig[j - 1].at(t, b);
               const float* gated = state.at(j - 2, t, b);
               float* dz = g.grad_z[j - 1].at(t, b);
               float* d_gated = grad_of(j - 2, t, b);
@@ -745,7 +754,8 @@ struct Loops {
     const int64_t width = round_up(r.n), block = 256;
 #pragma omp parallel num_threads(team_size(r.threads))
     {
-      const Share share((r.m + Tile::MR - 1) / Tile::MR, omp_get_thread_num(), omp_get_num_threads());
+      const int64_t tile_count = (r.m + Tile::MR - 1) / Tile::MR;
+      const Share share(tile_count, omp_get_thread_num(), omp_get_num_threads());
       const int64_t i0 = share.begin * Tile::MR, i1 = std::min(share.end * Tile::MR, r.m);
       if (i0 < i1 && r.R == 0)
         for (int64_t i = i0; i < i1; ++i) std::fill(r.c + i * r.ldc, r.c + i * r.ldc + width, 0.0f);

@@ -431,8 +431,8 @@ struct ForwardRun {
              const Buffer& h0, const Buffer& c0)
       : output(c.T, c.B, c.H), c_last(c.B * c.H), saved(c) {
     running(kernels);
-    kernels.forward({&layer.params, c.T, c.B, x.seq, h0.data(), c0.data(), output.seq,
-                     c_last.data(), saved.saved, true, c.plan});
+    const Call call{&layer.params, c.T, c.B, x.seq, h0.data(), output.seq, saved.saved, c.plan};
+    kernels.forward({call, c0.data(), c_last.data(), true});
   }
 };
 
@@ -496,10 +496,11 @@ struct BackwardRun {
     }
     for (const Sequence& s : grad_inners) grad_inner_seqs.push_back(s.seq);
     running(kernels);
-    kernels.backward({&layer.params, c.T, c.B, grad_output.seq, grad_h.data(), grad_c.data(), x.seq,
-                      forward.output.seq, h0.data(), forward.saved.saved, grad_x.seq,
+    const Call call{&layer.params, c.T, c.B, x.seq, h0.data(), forward.output.seq,
+                    forward.saved.saved, c.plan};
+    kernels.backward({call, grad_output.seq, grad_h.data(), grad_c.data(), grad_x.seq,
                       grad_h0.data(), grad_c0.data(), grad_pre.seq, grad_z_seqs.data(),
-                      grad_inner_seqs.data(), c.plan});
+                      grad_inner_seqs.data()});
   }
   // Columns [first, first + width) of grad_pre, over all T B rows.
   View columns(const Config& c, int64_t first, int64_t width) const {
