@@ -444,35 +444,12 @@ def machine_columns(device: torch.device) -> dict[str, str]:
     return {
         "device": device.type,
         "device_name": device_name,
-        "variant": default_variant() if device.type == "cpu" else "",
+        "variant": fused_chain.default_variant() if device.type == "cpu" else "",
         "isa_flags": isa_flags(),
         "torch_version": torch.__version__,
         "git_commit": _git_commit(),
         "python": platform.python_version(),
     }
-
-
-def default_variant() -> str:
-    """The variant plain "fused" runs here: fused_chain.isa() (the best this CPU runs, or
-    MOGRIFIER_ISA's), or "python" where the C++ loops are not built."""
-    if fused_chain.unavailable_reason() is not None:
-        return fused_chain.PYTHON_LOOPS
-    return fused_chain.isa()
-
-
-def runnable_variants() -> list[str]:
-    """Every variant that runs here, best first: the C++ loops' this CPU runs (where they are
-    built), then "python"."""
-    isas = fused_chain.runnable_isas() if fused_chain.unavailable_reason() is None else []
-    return [*isas, fused_chain.PYTHON_LOOPS]
-
-
-def unrunnable_variants() -> list[str]:
-    """The variants the build holds that this CPU cannot run (none where it is not built)."""
-    if fused_chain.unavailable_reason() is not None:
-        return []
-    runnable = fused_chain.runnable_isas()
-    return [isa for isa in fused_chain.compiled_isas() if isa not in runnable]
 
 
 def isa_flags(cpuinfo: str | None = None, machine: str | None = None) -> str:
@@ -810,14 +787,14 @@ def known_candidates(device: torch.device) -> list[str]:
     """Every candidate name that runs on ``device``: the available backends, on CPU
     "fused[<variant>]" for each variant that runs here, then the Python-loop patterns."""
     available = mf.available_backends(device)
-    variants = runnable_variants() if device.type == "cpu" and FUSED in available else []
+    variants = fused_chain.variants() if device.type == "cpu" and FUSED in available else []
     return [*available, *map(variant_candidate, variants), CELL, LSTM, LOOP]
 
 
 def isa_candidates() -> list[str]:
     """Preset isa's candidates: the loop and nn.LSTM, then "fused[<variant>]" for every variant
     that runs here, best first, "fused[python]" last."""
-    return [LOOP, LSTM, *map(variant_candidate, runnable_variants())]
+    return [LOOP, LSTM, *map(variant_candidate, fused_chain.variants())]
 
 
 GENERATION_CANDIDATES = [LOOP, LSTM, CELL, FUSED, variant_candidate(fused_chain.PYTHON_LOOPS)]
@@ -854,7 +831,7 @@ def _why_not(name: str, device: torch.device) -> str:
         return ""
     if device.type != "cpu":
         return " (the C++ loops' variants run on CPU only)"
-    if variant in unrunnable_variants():
+    if variant in fused_chain.unrunnable_isas():
         return f" (variant {variant!r} is built, but this CPU lacks its instructions)"
     reason = fused_chain.unavailable_reason()
     return f" (the C++ loops are not built: {reason})" if reason else ""
@@ -927,8 +904,8 @@ def run(args: argparse.Namespace) -> Path:
     if args.preset == "isa" and device.type == "cpu":
         if fused_chain.unavailable_reason() is not None:
             notes.append(f"C++ loops not measured: {fused_chain.unavailable_reason()}")
-        elif unrunnable_variants():
-            notes.append(f"not measured here (CPU lacks them): {', '.join(unrunnable_variants())}")
+        elif lacking := fused_chain.unrunnable_isas():
+            notes.append(f"not measured here (CPU lacks them): {', '.join(lacking)}")
     for note in notes:
         print(f"mogrifier-bench: {note}")
     all_rows = []

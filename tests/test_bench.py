@@ -115,14 +115,14 @@ def test_variant_candidates_parse() -> None:
     assert bench.variant_of("fused[avx2]") == "avx2" and bench.variant_of("fused") is None
     assert bench.variant_candidate("python") == "fused[python]"
     cpu = torch.device("cpu")
-    variants = [bench.variant_candidate(v) for v in bench.runnable_variants()]
+    variants = [bench.variant_candidate(v) for v in fused_chain.variants()]
     assert variants[-1] == "fused[python]"
     assert bench.resolve_candidates(["fused", *variants], cpu) == ["fused", *variants]
-    assert bench.default_variant() in bench.runnable_variants()
+    assert fused_chain.default_variant() in fused_chain.variants()
 
 
 def test_a_variant_this_cpu_lacks_is_refused() -> None:
-    lacking = bench.unrunnable_variants()
+    lacking = fused_chain.unrunnable_isas()
     if not lacking:
         pytest.skip("this CPU runs every variant the build holds")
     with pytest.raises(
@@ -134,7 +134,7 @@ def test_a_variant_this_cpu_lacks_is_refused() -> None:
 
 def test_without_the_cpp_loops_only_the_python_variant_runs(monkeypatch) -> None:
     monkeypatch.setattr(fused_chain, "unavailable_reason", lambda: "turned off")
-    assert bench.runnable_variants() == ["python"] and bench.default_variant() == "python"
+    assert fused_chain.variants() == ["python"] and fused_chain.default_variant() == "python"
     assert bench.isa_candidates() == ["LSTMCell loop", "nn.LSTM", "fused[python]"]
     assert bench.file_stem(bench.machine_columns(torch.device("cpu"))).endswith("-python")
     with pytest.raises(ValueError, match=r"not built: turned off\); expected some of"):
@@ -145,7 +145,7 @@ def test_preset_candidates() -> None:
     cpu = torch.device("cpu")
     isa = bench.isa_candidates()
     assert isa[:2] == ["LSTMCell loop", "nn.LSTM"] and isa[-1] == "fused[python]"
-    assert isa[2:-1] == [f"fused[{v}]" for v in bench.runnable_variants()[:-1]]
+    assert isa[2:-1] == [f"fused[{v}]" for v in fused_chain.variants()[:-1]]
     if fused_chain.unavailable_reason() is None:
         assert set(isa[2:-1]) == {f"fused[{v}]" for v in fused_chain.runnable_isas()}
     assert bench.resolve_candidates(None, cpu, "isa") == isa
@@ -157,7 +157,7 @@ def test_preset_candidates() -> None:
 
 def test_generation_mode_runs_every_kind_of_candidate(tmp_path) -> None:
     before = torch.get_num_threads()
-    variants = [bench.variant_candidate(v) for v in bench.runnable_variants()]
+    variants = [bench.variant_candidate(v) for v in fused_chain.variants()]
     candidates = ["fused", "reference", *variants, "MogrifierLSTMCell", "LSTMCell loop", "nn.LSTM"]
     bench.main(["--mode", "generation", "--steps", "3", "--batch", "1", "--hidden-size", "8", "--layers", "2",
                 "--rounds", "2", "--threads", "1", "--repeats", "2", "--candidates", ",".join(candidates),
@@ -195,7 +195,7 @@ def test_loop_steps_carry_each_layers_state() -> None:
 
 def test_file_stem_names_the_cpu_and_variant(tmp_path) -> None:
     columns = bench.machine_columns(torch.device("cpu"))
-    assert columns["variant"] == bench.default_variant()
+    assert columns["variant"] == fused_chain.default_variant()
     stem = bench.file_stem(columns)
     assert stem == f"cpu-{bench._slug(columns['device_name'])}-{columns['variant']}"
     bench.main([*TINY, "--rounds", "1", "--mode", "inference", "--candidates", "nn.LSTM", "--no-memory",

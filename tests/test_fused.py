@@ -85,6 +85,11 @@ def test_every_compiled_variant_is_reported() -> None:
     runnable, compiled = fused_chain.runnable_isas(), fused_chain.compiled_isas()
     assert runnable and set(runnable) <= set(compiled) and "generic" in runnable
     missing = [name for name in compiled if name not in runnable]
+    assert fused_chain.unrunnable_isas() == missing
+    assert fused_chain.variants() == [*runnable, "python"]
+    refused = pytest.raises(ValueError, match=r"variant: 'sse9' does not run here; expected one")
+    with refused, fused_chain.variant("sse9"):
+        pass
     print(f"variants run here: {runnable}; compiled but not run (CPU lacks them): {missing}")
 
 

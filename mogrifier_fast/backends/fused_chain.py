@@ -136,6 +136,27 @@ def compiled_isas() -> list[str]:
     return list(torch.ops.mogrifier_fast.compiled_isas())
 
 
+def variants() -> list[str]:
+    """Every variant a call can run here, best first: the C++ loops' variants this CPU runs
+    (where they are built), then ``"python"``, the Python loops."""
+    isas = runnable_isas() if unavailable_reason() is None else []
+    return [*isas, PYTHON_LOOPS]
+
+
+def unrunnable_isas() -> list[str]:
+    """The variants the build holds that this CPU cannot run (none where it is not built)."""
+    if unavailable_reason() is not None:
+        return []
+    runnable = runnable_isas()
+    return [name for name in compiled_isas() if name not in runnable]
+
+
+def default_variant() -> str:
+    """The variant a plain call runs here: :func:`isa`, or ``"python"`` where the C++ loops are
+    not built."""
+    return PYTHON_LOOPS if unavailable_reason() is not None else isa()
+
+
 _forced: str | None = None
 
 
@@ -145,9 +166,8 @@ def variant(name: str) -> Iterator[None]:
     :func:`runnable_isas`), or the Python loops for ``"python"``, whatever ``MOGRIFIER_ISA``
     says: to compare variants in one process."""
     global _forced
-    if name != PYTHON_LOOPS and (unavailable_reason() is not None or name not in runnable_isas()):
-        choices = [PYTHON_LOOPS, *(runnable_isas() if unavailable_reason() is None else [])]
-        raise ValueError(f"variant: {name!r} does not run here; expected one of {choices}")
+    if name not in variants():
+        raise ValueError(f"variant: {name!r} does not run here; expected one of {variants()}")
     previous, _forced = _forced, name
     try:
         yield
