@@ -96,8 +96,12 @@ class _MogrifierBase(nn.Module):
                 self.register_parameter(f"{name}_r{j}{suffix}", param)
 
     def _direction_params(self, suffix: str) -> LayerParams:
-        """Gather one direction's parameters in the form every backend takes."""
-        get = self._parameters.get
+        """Gather one direction's parameters in the form every backend takes. Read through
+        attribute access, so parametrizations (``torch.nn.utils.parametrize``) apply."""
+
+        def get(name: str) -> Tensor | None:
+            return getattr(self, name, None)
+
         stored = []
         for j in self._stored_rounds():
             if self.rank is None:

@@ -144,8 +144,16 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [name for name in backend_names()[1:] if unavailable_reason(name, device) is None]
 
 
+def plain_torch_required() -> bool:
+    """Whether the call is being traced or exported (``torch.jit.trace``, ``torch.onnx.export``),
+    where only plain torch ops can be recorded: "auto" then runs the reference."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend to run for ``name`` on ``device``; "auto" picks the fastest that runs."""
+    if name == "auto" and plain_torch_required():
+        name = "reference"
     if name == "auto":
         preference = AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE)
         name = next((n for n in preference if unavailable_reason(n, device) is None), "reference")
