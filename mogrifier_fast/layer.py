@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 from mogrifier_fast import backends
 from mogrifier_fast.backends import fused_chain
 from mogrifier_fast.backends.fused import run_fused
-from mogrifier_fast.mogrify import LayerParams, RoundMap, mogrifier_lstm_step
+from mogrifier_fast.mogrify import LayerParams, RoundMap, Sequence, State, mogrifier_lstm_step
 
 _LSTM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -41,6 +41,8 @@ def _describe(t: Tensor) -> str:
 class _MogrifierBase(nn.Module):
     """What the layer and the cell share: checking the mogrifier options, creating,
     initialising and gathering the parameters of one direction of one layer."""
+
+    proj_size = 0  # the cell has no projection; the layer sets its own
 
     def _init_options(
         self,
@@ -74,12 +76,20 @@ class _MogrifierBase(nn.Module):
         """The rounds j (1-based) that own parameters."""
         return range(1, (min(self.rounds, 2) if self.share_rounds else self.rounds) + 1)
 
+    @property
+    def _state_size(self) -> int:
+        """P, the width of the hidden state: proj_size with a projection, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
     def _add_direction(self, suffix: str, x_size: int, factory: dict[str, Any]) -> None:
         """Register the LSTM and mogrifier parameters of one direction of one layer."""
-        h_size, gates = self.hidden_size, 4 * self.hidden_size
+        h_size, gates = self._state_size, 4 * self.hidden_size
         shapes = [(gates, x_size), (gates, h_size)] + ([(gates,), (gates,)] if self.bias else [])
         for name, shape in zip(_LSTM_NAMES, shapes, strict=False):
             self.register_parameter(name + suffix, nn.Parameter(torch.empty(shape, **factory)))
+        if self.proj_size:
+            projection = torch.empty(self.proj_size, self.hidden_size, **factory)
+            self.register_parameter("weight_hr" + suffix, nn.Parameter(projection))
         for j in self._stored_rounds():
             out_size, in_size = (x_size, h_size) if j % 2 else (h_size, x_size)
             if self.rank is None:
@@ -102,7 +112,7 @@ class _MogrifierBase(nn.Module):
         def get(name: str) -> Tensor | None:
             return getattr(self, name, None)
 
-        stored = []
+        stored: list[RoundMap] = []
         for j in self._stored_rounds():
             if self.rank is None:
                 factors = (get(f"mogrifier_weight_r{j}{suffix}"),)
@@ -112,13 +122,11 @@ class _MogrifierBase(nn.Module):
                     get(f"mogrifier_weight_b_r{j}{suffix}"),
                 )
             stored.append(RoundMap(factors, get(f"mogrifier_bias_r{j}{suffix}")))
-        maps = (
-            tuple(stored[(j - 1) % len(stored)] for j in range(1, self.rounds + 1))
-            if stored
-            else ()
-        )
+        map_of_round = tuple((j - 1) % len(stored) for j in range(1, self.rounds + 1))
         w_ih, w_hh, b_ih, b_hh = (get(name + suffix) for name in _LSTM_NAMES)
-        return LayerParams(w_ih, w_hh, b_ih, b_hh, maps)
+        return LayerParams(
+            w_ih, w_hh, b_ih, b_hh, tuple(stored), map_of_round, get("weight_hr" + suffix)
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -155,18 +163,22 @@ class _MogrifierBase(nn.Module):
 
     @staticmethod
     def _effective_maps(params: LayerParams) -> list[tuple[Tensor, Tensor | None]]:
-        return [(m.weight(), m.bias) for m in params.maps]
+        return [(m.weight(), m.bias) for m in params.round_maps]
 
-    def _check_state(self, hx: Any, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """``hx`` must be a pair (h_0, c_0) of tensors of ``shape`` matching the parameters."""
+    def _check_state(
+        self, hx: Any, shape: tuple[int, ...], h_shape: tuple[int, ...] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``hx`` must be a pair (h_0, c_0) of tensors matching the parameters, c_0 of ``shape``
+        and h_0 of ``h_shape`` (``shape`` when None)."""
         if not isinstance(hx, tuple | list) or len(hx) != 2:
             raise TypeError(
                 f"hx: expected a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
             )
-        for name, t in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx, strict=True):
+        shapes = (h_shape or shape, shape)
+        for name, t, expected in zip(("hx[0] (h_0)", "hx[1] (c_0)"), hx, shapes, strict=True):
             self._check_tensor_matches(name, t)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
         return hx[0], hx[1]
 
     def _check_tensor_matches(self, name: str, t: Tensor) -> None:
@@ -239,8 +251,12 @@ class MogrifierLSTM(_MogrifierBase):
             or not 0 <= dropout <= 1
         ):
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
-        if proj_size != 0:
-            raise ValueError(f"proj_size: not supported yet (got {proj_size}); use proj_size=0")
+        _check_int("proj_size", proj_size, 0)
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size: expected 0 (no projection) or an int in 1..hidden_size - 1 = "
+                f"1..{hidden_size - 1}, got {proj_size}"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero "
@@ -252,11 +268,11 @@ class MogrifierLSTM(_MogrifierBase):
         self.batch_first = bool(batch_first)
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
-        self.proj_size = 0
+        self.proj_size = proj_size
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         for layer in range(num_layers):
-            x_size = input_size if layer == 0 else hidden_size * self.num_directions
+            x_size = input_size if layer == 0 else self._state_size * self.num_directions
             for suffix in self._suffixes(layer):
                 self._add_direction(suffix, x_size, factory)
         self.reset_parameters()
@@ -269,6 +285,7 @@ class MogrifierLSTM(_MogrifierBase):
     @backend.setter
     def backend(self, name: str) -> None:
         backends.check_backend_name(name)
+        backends.check_features(name, {"proj"} if self.proj_size else set())
         self._backend = name
 
     @property
@@ -310,21 +327,28 @@ class MogrifierLSTM(_MogrifierBase):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         return f"{s}, {self._mogrifier_extra_repr()}, backend={self.backend!r}"
 
-    def _check_input(self, input: Tensor) -> tuple[Tensor, bool]:
-        """Return the input as (T, N, input_size) and whether it was batched."""
+    def _check_input(self, input: Tensor | PackedSequence) -> tuple[Sequence, bool]:
+        """The input as a :class:`Sequence` ((T, N, input_size), or a packed batch's rows) and
+        whether it was batched."""
         if isinstance(input, PackedSequence):
-            raise TypeError(
-                "input: PackedSequence is not supported yet; pass a padded tensor "
-                "(torch.nn.utils.rnn.pad_packed_sequence) of shape (T, N, input_size)"
-            )
+            self._check_tensor_matches("input.data", input.data)
+            if input.data.dim() != 2 or input.data.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"input.data: expected a packed (sum of lengths, input_size) tensor with "
+                    f"input_size={self.input_size}, got shape {tuple(input.data.shape)}"
+                )
+            return Sequence(input.data, tuple(input.batch_sizes.tolist())), True
         self._check_tensor_matches("input", input)
         layout = "(N, T, input_size)" if self.batch_first else "(T, N, input_size)"
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(
-                f"input: expected a 3-D tensor {layout} or an unbatched 2-D tensor "
-                f"(T, input_size) with input_size={self.input_size}, got shape {tuple(input.shape)}"
+                f"input: expected a 3-D tensor {layout}, an unbatched 2-D tensor "
+                f"(T, input_size) with input_size={self.input_size}, or a PackedSequence, got "
+                f"shape {tuple(input.shape)}"
             )
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
@@ -334,42 +358,89 @@ class MogrifierLSTM(_MogrifierBase):
             raise ValueError(
                 f"input: expected a sequence length >= 1, got shape {tuple(input.shape)}"
             )
-        return x, batched
+        return Sequence(x), batched
 
-    def _check_hx(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
-        """Return (h_0, c_0), each (D*L, N, H), zeros when ``hx`` is None."""
-        states = self.num_layers * self.num_directions
-        shape = (states, x.shape[1], self.hidden_size) if batched else (states, self.hidden_size)
+    def _check_hx(self, hx: Any, seq: Sequence, batched: bool) -> tuple[Tensor, Tensor]:
+        """Return (h_0, c_0), (D*L, N, P) and (D*L, N, H), zeros when ``hx`` is None."""
+        states, batch = self.num_layers * self.num_directions, seq.batch
+        shape = (states, batch, self.hidden_size) if batched else (states, self.hidden_size)
+        h_shape = (*shape[:-1], self._state_size)
         if hx is None:
-            zeros = x.new_zeros(states, x.shape[1], self.hidden_size)
-            return zeros, zeros
-        h0, c0 = self._check_state(hx, shape)
+            data = seq.data
+            return data.new_zeros(states, batch, self._state_size), data.new_zeros(
+                states, batch, self.hidden_size
+            )
+        h0, c0 = self._check_state(hx, shape, h_shape)
         return (h0, c0) if batched else (h0.unsqueeze(1), c0.unsqueeze(1))
 
     def forward(
-        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        x, batched = self._check_input(input)
-        h0, c0 = self._check_hx(hx, x, batched)
-        backend = backends.resolve(self.backend, x.device)
-        h_n, c_n = [], []
+        self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        seq, batched = self._check_input(input)
+        h0, c0 = self._check_hx(hx, seq, batched)
+        packed = input if isinstance(input, PackedSequence) else None
+        if packed is not None and packed.sorted_indices is not None:
+            # hx comes in the caller's batch order, the packed rows longest first.
+            h0, c0 = (
+                h0.index_select(1, packed.sorted_indices),
+                c0.index_select(1, packed.sorted_indices),
+            )
+        features = {
+            name for name, used in (("packed", seq.packed), ("proj", self.proj_size)) if used
+        }
+        backend = backends.resolve(self.backend, seq.data.device, features)
+        reversal = None
+        if self.bidirectional and seq.packed:
+            reversal = _reversal_index(packed.batch_sizes).to(seq.data.device)
+        data, h_n, c_n = seq.data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
+                data = F.dropout(data, self.dropout, training=True)
             outputs = []
             for direction, suffix in enumerate(self._suffixes(layer)):
                 k = layer * self.num_directions + direction
                 reverse = direction == 1
-                sequence = x.flip(0) if reverse else x
-                output, h, c = backend.run(sequence, h0[k], c0[k], self._direction_params(suffix))
-                outputs.append(output.flip(0) if reverse else output)
+                if reverse:  # each sequence reversed within its own length
+                    data_in = data.flip(0) if reversal is None else data.index_select(0, reversal)
+                else:
+                    data_in = data
+                output, (h, c) = backend.run(
+                    Sequence(data_in, seq.batch_sizes),
+                    State(h0[k], c0[k]),
+                    self._direction_params(suffix),
+                )
+                if reverse:
+                    output = (
+                        output.flip(0) if reversal is None else output.index_select(0, reversal)
+                    )
+                outputs.append(output)
                 h_n.append(h)
                 c_n.append(c)
-            x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+            data = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if packed is not None:
+            if packed.unsorted_indices is not None:
+                h_n = h_n.index_select(1, packed.unsorted_indices)
+                c_n = c_n.index_select(1, packed.unsorted_indices)
+            output = PackedSequence(
+                data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+            )
+            return output, (h_n, c_n)
         if not batched:
-            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
+            return data.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (data.transpose(0, 1) if self.batch_first else data), (h_n, c_n)
+
+
+def _reversal_index(batch_sizes: Tensor) -> Tensor:
+    """For a packed batch's rows, the row of the same sequence at the mirrored step within its
+    own length: (t, b) -> (length_b - 1 - t, b). Gathering by it reverses every sequence (and
+    gathering again restores them)."""
+    sizes = batch_sizes.to(torch.int64)
+    offsets = sizes.cumsum(0) - sizes
+    step = torch.arange(len(sizes)).repeat_interleave(sizes)
+    row = torch.arange(int(sizes.sum())) - offsets[step]
+    lengths = (sizes[None, :] > torch.arange(int(sizes[0]))[:, None]).sum(1)
+    return offsets[lengths[row] - 1 - step] + row
 
 
 class MogrifierLSTMCell(_MogrifierBase):
@@ -427,7 +498,7 @@ class MogrifierLSTMCell(_MogrifierBase):
             hx = tuple(t if batched else t.unsqueeze(0) for t in self._check_state(hx, shape))
         params = self._direction_params("")
         if fused_chain.usable(x):
-            _, h1, c1 = run_fused(x.unsqueeze(0), hx[0], hx[1], params)
+            _, (h1, c1) = run_fused(Sequence(x.unsqueeze(0)), State(*hx), params)
         else:
             h1, c1 = mogrifier_lstm_step(x, hx[0], hx[1], *params.step_args())
         return (h1, c1) if batched else (h1.squeeze(0), c1.squeeze(0))

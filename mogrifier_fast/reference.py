@@ -12,14 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from mogrifier_fast.backends import Backend
-from mogrifier_fast.mogrify import LayerParams, mogrifier_lstm_sequence
+from mogrifier_fast.mogrify import LayerParams, Sequence, State, mogrifier_lstm_sequence
 
 
-def run_reference(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
-    return mogrifier_lstm_sequence(x, h0, c0, *params.step_args())
+def run_reference(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+    """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
+    outputs, h, c = mogrifier_lstm_sequence(
+        seq.step_inputs(), state.h, state.c, *params.step_args()
+    )
+    return seq.join(outputs), State(h, c)
 
 
 BACKEND = Backend(name="reference", run=run_reference)

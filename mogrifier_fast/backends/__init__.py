@@ -2,12 +2,15 @@
 
 A backend runs one direction of one layer over a whole sequence::
 
-    run(x, h0, c0, params) -> (output, h_T, c_T)
-    x: (T, B, I); h0, c0: (B, H); params: LayerParams; output: (T, B, H); h_T, c_T: (B, H)
+    run(seq, state, params) -> (output, final state)
+    seq: Sequence, data (T, B, I) or packed rows (R, I) with batch_sizes; state: State, h (B, P)
+    and c (B, H); params: LayerParams; output laid out as seq.data, (T, B, P) or (R, P); the
+    final State holds each sequence's h and c after its own last step
 
-and says on which devices it can run. Every backend computes the same function as
-:func:`mogrifier_fast.mogrify.mogrifier_lstm_step` looped over time, with the same gradients.
-Built-in backends are imported lazily by name; :func:`register` adds others.
+says on which devices it can run, and which optional features of the input it supports
+(:data:`FEATURES`). Every backend computes the same function as
+:func:`mogrifier_fast.mogrify.mogrifier_lstm_sequence`, with the same gradients. Built-in
+backends are imported lazily by name; :func:`register` adds others.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from mogrifier_fast.mogrify import LayerParams
+from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
-RunFn = Callable[[Tensor, Tensor, Tensor, LayerParams], tuple[Tensor, Tensor, Tensor]]
+RunFn = Callable[[Sequence, State, LayerParams], tuple[Tensor, State]]
+
+# What a backend may support beyond a padded batch without projections: "packed", a packed
+# batch of variable-length sequences (Sequence.batch_sizes); "proj", projected hidden states
+# (LayerParams.w_hr, nn.LSTM's proj_size).
+FEATURES = frozenset({"packed", "proj"})
 
 
 def runs_everywhere(device: torch.device) -> str | None:
@@ -37,12 +45,13 @@ class Backend:
     """A named way to run the recurrence.
 
     ``unavailable_reason(device)`` returns None where the backend runs on ``device``, else a
-    short reason it does not.
+    short reason it does not; ``supports`` is the subset of :data:`FEATURES` it runs.
     """
 
     name: str
     run: RunFn
     unavailable_reason: Callable[[torch.device], str | None] = field(default=runs_everywhere)
+    supports: frozenset[str] = FEATURES
 
 
 @contextlib.contextmanager
@@ -150,19 +159,54 @@ def plain_torch_required() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def resolve(name: str, device: torch.device) -> Backend:
-    """The backend to run for ``name`` on ``device``; "auto" picks the fastest that runs."""
+def supported_features(name: str) -> frozenset[str]:
+    """The features of :data:`FEATURES` that backend ``name`` supports (none where it cannot
+    be loaded here)."""
+    backend = _load(name)
+    return frozenset() if isinstance(backend, str) else backend.supports
+
+
+def check_features(name: str, features: frozenset[str] | set[str]) -> None:
+    """Raise ValueError unless backend ``name`` ("auto" always can) supports ``features``."""
+    missing = sorted(set(features) - supported_features(name)) if name != "auto" else []
+    if missing:
+        able = [b for b in backend_names()[1:] if set(features) <= supported_features(b)]
+        raise ValueError(
+            f"backend={name!r} does not support {', '.join(missing)} "
+            f"({FEATURE_NAMES[missing[0]]}); backends that do: {able}"
+        )
+
+
+FEATURE_NAMES = {
+    "packed": "PackedSequence input",
+    "proj": "proj_size > 0",
+}
+
+
+def resolve(
+    name: str, device: torch.device, features: frozenset[str] | set[str] = frozenset()
+) -> Backend:
+    """The backend to run for ``name`` on ``device`` with ``features`` of :data:`FEATURES`;
+    "auto" picks the fastest that runs there and supports them."""
     if name == "auto" and plain_torch_required():
         name = "reference"
     if name == "auto":
         preference = AUTO_PREFERENCE.get(device.type, DEFAULT_PREFERENCE)
-        name = next((n for n in preference if unavailable_reason(n, device) is None), "reference")
+        name = next(
+            (
+                n
+                for n in preference
+                if unavailable_reason(n, device) is None and set(features) <= supported_features(n)
+            ),
+            "reference",
+        )
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(
             f"backend={name!r} cannot run on device {device}: {reason}; "
             f"available there: {available_backends(device)}"
         )
+    check_features(name, features)
     backend = _load(name)
     assert isinstance(backend, Backend)
     return backend

@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from mogrifier_fast.backends import Backend, quiet_torchscript_deprecation
-from mogrifier_fast.mogrify import LayerParams, mogrifier_lstm_step
+from mogrifier_fast.mogrify import (
+    LayerParams,
+    Sequence,
+    State,
+    final_state,
+    mogrifier_lstm_step,
+    retire_ended,
+)
 
 # Graphs kept per process for the step (torch's default of 8 is too few for a few layer
 # configurations times dtypes and grad modes; past the limit torch falls back to eager).
@@ -36,7 +43,7 @@ def _compiled_step():
 def _with_zero_biases(params: LayerParams) -> tuple:
     """The step's arguments with every missing bias replaced by zeros, so that layers with and
     without biases share one compiled graph."""
-    w_ih, w_hh, b_ih, b_hh, factors, biases = params.step_args()
+    w_ih, w_hh, b_ih, b_hh, factors, biases, w_hr = params.step_args()
     gates = w_ih.shape[0]
     b_ih = w_ih.new_zeros(gates) if b_ih is None else b_ih
     b_hh = w_ih.new_zeros(gates) if b_hh is None else b_hh
@@ -44,25 +51,27 @@ def _with_zero_biases(params: LayerParams) -> tuple:
         f[0].new_zeros(f[0].shape[0]) if b is None else b
         for f, b in zip(factors, biases, strict=True)
     ]
-    return w_ih, w_hh, b_ih, b_hh, factors, biases
+    return w_ih, w_hh, b_ih, b_hh, factors, biases, w_hr
 
 
-def run_compiled(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+def run_compiled(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+    """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract); the
+    loop is :func:`mogrifier_fast.mogrify.mogrifier_lstm_sequence`'s, around the compiled
+    step."""
     # torch.compile imports TorchScript internals, which warn that TorchScript is deprecated.
     with quiet_torchscript_deprecation():
         import torch._dynamo
 
         step, args = _compiled_step(), _with_zero_biases(params)
-        h, c = h0, c0
-        outputs = []
+        h, c = state
+        outputs, ended_h, ended_c = [], [], []
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            for x_t in x.unbind(0):
+            for x_t in seq.step_inputs():
+                h = retire_ended(x_t.shape[0], h, ended_h)
+                c = retire_ended(x_t.shape[0], c, ended_c)
                 h, c = step(x_t, h, c, *args)
                 outputs.append(h)
-    return torch.stack(outputs), h, c
+    return seq.join(outputs), State(final_state(h, ended_h), final_state(c, ended_c))
 
 
 def _unavailable_reason(device: torch.device) -> str | None:

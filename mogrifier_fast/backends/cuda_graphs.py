@@ -23,10 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mogrifier_fast.backends import needs_backward
-from mogrifier_fast.mogrify import LayerParams, RoundMap
-
-RunFn = Callable[[Tensor, Tensor, Tensor, LayerParams], tuple[Tensor, Tensor, Tensor]]
+from mogrifier_fast.backends import RunFn, needs_backward
+from mogrifier_fast.mogrify import LayerParams, RoundMap, Sequence, State
 
 # Captured configurations kept per backend; the least recently used is dropped past this.
 MAX_GRAPHS = 16
@@ -71,6 +69,7 @@ def _flatten(params: LayerParams) -> tuple[list[Tensor], Callable[[list[Tensor]]
 
     lstm = [slot(t) for t in (params.w_ih, params.w_hh, params.b_ih, params.b_hh)]
     maps = [([slot(f) for f in m.factors], slot(m.bias)) for m in params.maps]
+    projection = slot(params.w_hr)
 
     def rebuild(flat: list[Tensor]) -> LayerParams:
         def get(index: int | None) -> Tensor | None:
@@ -79,6 +78,8 @@ def _flatten(params: LayerParams) -> tuple[list[Tensor], Callable[[list[Tensor]]
         return LayerParams(
             *(get(i) for i in lstm),
             tuple(RoundMap(tuple(get(f) for f in fs), get(b)) for fs, b in maps),
+            params.map_of_round,
+            get(projection),
         )
 
     return tensors, rebuild
@@ -117,7 +118,10 @@ class _Graph:
 
     def __init__(self, run: RunFn, rebuild, inputs: list[Tensor], train: bool) -> None:
         def function(*flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            return run(flat[0], flat[1], flat[2], rebuild(list(flat[3:])))
+            output, (h, c) = run(
+                Sequence(flat[0]), State(flat[1], flat[2]), rebuild(list(flat[3:]))
+            )
+            return output, h, c
 
         self.train = train
         self.pending = {"busy": False}
@@ -157,11 +161,11 @@ def graphed(name: str, run: RunFn) -> RunFn:
     on other devices."""
     graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()
 
-    def run_graphed(
-        x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        if not _uses_graphs(x):
-            return run(x, h0, c0, params)
+    def run_graphed(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+        x, (h0, c0) = seq.data, state
+        # A packed batch's batch_sizes change from batch to batch: never captured.
+        if not _uses_graphs(x) or seq.packed:
+            return run(seq, state, params)
         flat, rebuild = _flatten(params)
         inputs = [x, h0, c0, *flat]
         train = needs_backward(*inputs)
@@ -184,7 +188,8 @@ def graphed(name: str, run: RunFn) -> RunFn:
         graphs.move_to_end(key)
         graph = graphs[key]
         if graph is None or (graph.train and graph.pending["busy"]):
-            return run(x, h0, c0, params)
-        return graph(inputs)
+            return run(seq, state, params)
+        output, h, c = graph(inputs)
+        return output, State(h, c)
 
     return run_graphed

@@ -27,7 +27,7 @@ from mogrifier_fast.kernels.mogrify import (
     mogrify_forward,
     stacked_map_grads,
 )
-from mogrifier_fast.mogrify import LayerParams
+from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 
 class _MogrifyStep(torch.autograd.Function):
@@ -56,10 +56,10 @@ class _MogrifyStep(torch.autograd.Function):
         return grad_xs[0], grad_hs[0], *stacked_map_grads(maps, buffers, dz_x, dz_h, dinner)
 
 
-def run_cudnn(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+def run_cudnn(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+    """One layer, one direction, padded input without projections (see
+    :mod:`mogrifier_fast.backends` for the contract)."""
+    x, (h0, c0) = seq.data, state
     check_dtype("cudnn", x)
     maps = StackedMaps.from_params(params)
     has_bias = params.b_ih is not None
@@ -78,7 +78,7 @@ def run_cudnn(
             )
             h, c = h_n[0], c_n[0]
             outputs.append(h)
-    return torch.stack(outputs), h, c
+    return torch.stack(outputs), State(h, c)
 
 
 def _unavailable_reason(device: torch.device) -> str | None:
@@ -90,5 +90,8 @@ def _unavailable_reason(device: torch.device) -> str | None:
 
 
 BACKEND = Backend(
-    name="cudnn", run=graphed("cudnn", run_cudnn), unavailable_reason=_unavailable_reason
+    name="cudnn",
+    run=graphed("cudnn", run_cudnn),
+    unavailable_reason=_unavailable_reason,
+    supports=frozenset(),
 )

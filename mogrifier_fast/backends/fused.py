@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mogrifier_fast.backends import Backend, fused_chain, needs_backward, refuse_double_backward
-from mogrifier_fast.mogrify import LayerParams
+from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
 # through addmm on the CPUs measured; below it, oneDNN's fixed cost per
@@ -127,18 +127,20 @@ class _Structure:
 
     input_size: int
     hidden_size: int
+    state_size: int
     map_of_round: tuple[int, ...]
     low_rank: tuple[bool, ...]
     map_bias: tuple[bool, ...]
     lstm_bias: bool
+    projected: bool
 
     @property
     def rounds(self) -> int:
         return len(self.map_of_round)
 
     def size(self, state: int) -> int:
-        """Width of state u_s: x-states (odd s, s = -1 the input) are I wide, h-states H."""
-        return self.input_size if state % 2 else self.hidden_size
+        """Width of state u_s: x-states (odd s, s = -1 the input) are I wide, h-states P."""
+        return self.input_size if state % 2 else self.state_size
 
     def doublings(self, state: int) -> int:
         """How many rounds have doubled state s (d_s in the module docstring)."""
@@ -151,39 +153,96 @@ class _Structure:
 
 
 def _split(params: LayerParams) -> tuple[_Structure, list[Tensor | None]]:
-    """A layer's parameters as a structure and a flat list (w_ih, w_hh, b_ih, b_hh, then each
-    stored map's factors and bias), each stored map once even when it serves several rounds."""
-    stored: dict[int, int] = {}
-    maps = []
-    for round_map in params.maps:
-        key = id(round_map.factors[0])
-        if key not in stored:
-            stored[key] = len(maps)
-            maps.append(round_map)
+    """A layer's parameters as a structure and a flat list (w_ih, w_hh, b_ih, b_hh, each stored
+    map's factors and bias, then w_hr), each stored map once even when it serves several
+    rounds."""
     structure = _Structure(
         input_size=params.w_ih.shape[1],
-        hidden_size=params.w_hh.shape[1],
-        map_of_round=tuple(stored[id(m.factors[0])] for m in params.maps),
-        low_rank=tuple(m.low_rank for m in maps),
-        map_bias=tuple(m.bias is not None for m in maps),
+        hidden_size=params.cell_size,
+        state_size=params.state_size,
+        map_of_round=params.map_of_round,
+        low_rank=tuple(m.low_rank for m in params.maps),
+        map_bias=tuple(m.bias is not None for m in params.maps),
         lstm_bias=params.b_ih is not None,
+        projected=params.w_hr is not None,
     )
     flat: list[Tensor | None] = [params.w_ih, params.w_hh, params.b_ih, params.b_hh]
-    for m in maps:
+    for m in params.maps:
         flat.extend([*m.factors, m.bias])
-    return structure, flat
+    return structure, [*flat, params.w_hr]
 
 
 def _unflatten(
     structure: _Structure, flat: tuple
-) -> tuple[tuple, list[tuple[tuple[Tensor, ...], Tensor | None]]]:
-    lstm, rest = tuple(flat[:4]), list(flat[4:])
+) -> tuple[tuple, list[tuple[tuple[Tensor, ...], Tensor | None]], Tensor | None]:
+    """The inverse of :func:`_split`: (LSTM weights, stored maps, w_hr)."""
+    lstm, rest = tuple(flat[:4]), list(flat[4:-1])
     maps = []
     for low_rank in structure.low_rank:
         count = 2 if low_rank else 1
         maps.append((tuple(rest[:count]), rest[count]))
         rest = rest[count + 1 :]
-    return lstm, maps
+    return lstm, maps, flat[-1]
+
+
+class _Rows:
+    """Where a call's rows lie over time: step t's B_t rows (a prefix of the batch's B) are
+    rows ``offsets[t]`` onwards of an (R, ·) buffer, R = sum of B_t; padded input is the case
+    B_t = B. The input and output keep their own layout ((T, B, ·) or packed rows)."""
+
+    def __init__(self, seq: Sequence) -> None:
+        self.seq = seq
+        self.batch, self.steps = seq.batch, seq.steps
+        self.sizes = seq.batch_sizes or (self.batch,) * self.steps
+        self.total = sum(self.sizes)
+
+    def per_step(self, buffer: Tensor) -> list[Tensor]:
+        """An (R, ·) buffer's view for each step, (B_t, ·)."""
+        return list(buffer.split(self.sizes))
+
+    def span(self, begin: int, end: int) -> slice:
+        """The rows of steps [begin, end)."""
+        return slice(sum(self.sizes[:begin]), sum(self.sizes[:end]))
+
+    def laid_out(self, rows: Tensor) -> Tensor:
+        """An (R, ·) result in the input's layout: (T, B, ·) when padded."""
+        return rows if self.seq.packed else rows.view(self.steps, self.batch, -1)
+
+    def all_rows(self, t: Tensor) -> Tensor:
+        """A tensor in the input's layout as (R, ·)."""
+        return t if self.seq.packed else t.reshape(self.total, -1)
+
+    @functools.cached_property
+    def lengths(self) -> Tensor:
+        """Each sequence's length (B,)."""
+        sizes = torch.tensor(self.sizes)
+        return (sizes[None, :] > torch.arange(self.batch)[:, None]).sum(1)
+
+    @functools.cached_property
+    def offsets(self) -> Tensor:
+        sizes = torch.tensor(self.sizes)
+        return sizes.cumsum(0) - sizes
+
+    @functools.cached_property
+    def last_rows(self) -> Tensor:
+        """Each sequence's row at its own last step (B,)."""
+        return self.offsets[self.lengths - 1] + torch.arange(self.batch)
+
+    @functools.cached_property
+    def previous_rows(self) -> Tensor:
+        """For each row, its previous step's row in [h_0 (B rows); output (R rows)] (R,)."""
+        step = torch.arange(self.steps).repeat_interleave(torch.tensor(self.sizes))
+        row = torch.arange(self.total) - self.offsets[step]
+        previous = self.batch + self.offsets[(step - 1).clamp(min=0)] + row
+        return torch.where(step == 0, row, previous)
+
+    def previous(self, stacked: Tensor, span: slice) -> Tensor:
+        """Rows ``span`` of a per-row value taken from the step before, for ``stacked`` =
+        [the value at the start (B rows); each step's (R rows)]: padded, row i is row i there;
+        packed, a gather."""
+        if not self.seq.packed:
+            return stacked[span]
+        return stacked.index_select(0, self.previous_rows[span].to(stacked.device))
 
 
 class _Round:
@@ -262,27 +321,28 @@ class _Weights:
     the backward). ``native`` is set when the C++ loops run the call: they read the parameters
     as stored and fold the powers of two themselves. The Python loops use the folded copies,
     made on first use: gate weights with the final states' scales folded into their columns
-    and the g rows doubled (tanh(g) = 2σ(2g) − 1), as one (4H, I+H) matrix for [x, h]."""
+    and the g rows doubled (tanh(g) = 2σ(2g) − 1), as one (4H, I+P) matrix for [x, h]."""
 
-    def __init__(self, structure: _Structure, flat: tuple, x: Tensor) -> None:
+    def __init__(self, structure: _Structure, flat: tuple, rows: _Rows, like: Tensor) -> None:
         s, big_h = structure, structure.hidden_size
-        (self.w_ih, self.w_hh, self.b_ih, self.b_hh), maps = _unflatten(s, flat)
+        (self.w_ih, self.w_hh, self.b_ih, self.b_hh), maps, self.w_hr = _unflatten(s, flat)
         x_final, h_final = s.final_states()
         self.column_scales = (2.0 ** s.doublings(x_final), 2.0 ** s.doublings(h_final))
         self.g_rows = slice(2 * big_h, 3 * big_h)
-        self.rows = x.shape[1]
+        self.rows = rows.batch
         self.rounds = [
             _Round(*maps[m], 2.0 ** s.doublings(j - 1), self.rows)
             for j, m in enumerate(s.map_of_round, start=1)
         ]
         self.native = None
-        if fused_chain.usable(x):
+        if fused_chain.usable(like) and not s.projected:
             self.native = fused_chain.NativeCall.prepare(
                 [self.w_ih, self.w_hh, self.b_ih, self.b_hh,
                  *(t for r in self.rounds for t in (*r.factors, r.bias))],
                 [*self.column_scales, *(r.scale for r in self.rounds)],
                 [len(r.factors) for r in self.rounds],
-                x.shape,
+                rows.seq,
+                rows.total,
             )  # fmt: skip
 
     @functools.cached_property
@@ -307,6 +367,16 @@ class _Weights:
         """Its backward: d_pre -> d[x, h]."""
         return _Linear(self.gate_weight.t(), None, self.rows)
 
+    @functools.cached_property
+    def projection(self) -> _Linear:
+        """h' = (σ(o) tanh(c')) w_hr^T, (B, H) -> (B, P)."""
+        return _Linear(self.w_hr, None, self.rows)
+
+    @functools.cached_property
+    def projection_backward(self) -> _Linear:
+        """Its backward: dh' (B, P) -> (B, H)."""
+        return _Linear(self.w_hr.t(), None, self.rows)
+
     @property
     def ranks(self) -> list[int | None]:
         """Rank k of each round's map (None when dense)."""
@@ -315,14 +385,16 @@ class _Weights:
 
 @dataclass
 class _Saved:
-    """What the forward keeps for the backward, each over time as a (T, B, ·) buffer (under
-    no_grad one block serves every step, and cells2 has two blocks used in turn).
+    """What the forward keeps for the backward, each over time as an (R, ·) buffer: step t's
+    rows from :class:`_Rows` ``offsets[t]`` (under no_grad one (B, ·) block serves every step,
+    and cells2 has two used in turn).
 
     states[s], the states u_s, s in 1..r-2, that are not gate inputs; inners[j-1], a low-rank
     round's u_{j-1} (c·B)^T (else None); xh, the gate input [x, h]; sig[j-1], σ(z_j);
-    activations, [σ(i), σ(f), σ(2g), σ(o)] (T, B, 4H); tanh_g2 = 2 tanh(g); tanh_c; and cells2,
-    2·c_0 .. 2·c_T (T + 1 blocks): the cell is carried doubled, so tanh(c) = 2σ(2c) − 1 costs
-    one sigmoid, much cheaper than tanh on CPU."""
+    activations, [σ(i), σ(f), σ(2g), σ(o)] (R, 4H); tanh_g2 = 2 tanh(g); tanh_c; cells2, 2·c_0
+    (B rows) then 2·c of every step (R rows): the cell is carried doubled, so tanh(c) = 2σ(2c) − 1
+    costs one sigmoid, much cheaper than tanh on CPU; with a projection, unprojected, σ(o)
+    tanh(c) (R, H) (else None)."""
 
     states: dict[int, Tensor]
     inners: list[Tensor | None]
@@ -332,27 +404,35 @@ class _Saved:
     tanh_g2: Tensor
     tanh_c: Tensor
     cells2: Tensor
+    unprojected: Tensor | None
 
     @classmethod
-    def empty(cls, s: _Structure, ranks: list[int | None], x: Tensor, keep: bool) -> _Saved:
-        """Buffers for a call on x (T, B, I); T steps kept, or one block for all."""
-        kept, rows, big_h = x.shape[0] if keep else 1, x.shape[1], s.hidden_size
-        new = x.new_empty
+    def empty(
+        cls, s: _Structure, ranks: list[int | None], rows: _Rows, like: Tensor, keep: bool
+    ) -> _Saved:
+        """Buffers for a call on ``rows``; every step kept, or one block for all."""
+        kept, big_h = rows.total if keep else rows.batch, s.hidden_size
+
+        def new(width: int, count: int = kept) -> Tensor:
+            return like.new_empty(count, width)
+
         return cls(
-            states={k: new(kept, rows, s.size(k)) for k in range(1, s.rounds - 1)},
-            inners=[None if k is None else new(kept, rows, k) for k in ranks],
-            xh=new(kept, rows, s.input_size + big_h),
-            sig=[new(kept, rows, s.size(j)) for j in range(1, s.rounds + 1)],
-            activations=new(kept, rows, 4 * big_h),
-            tanh_g2=new(kept, rows, big_h),
-            tanh_c=new(kept, rows, big_h),
-            cells2=new(kept + 1, rows, big_h),
+            states={k: new(s.size(k)) for k in range(1, s.rounds - 1)},
+            inners=[None if k is None else new(k) for k in ranks],
+            xh=new(s.input_size + s.state_size),
+            sig=[new(s.size(j)) for j in range(1, s.rounds + 1)],
+            activations=new(4 * big_h),
+            tanh_g2=new(big_h),
+            tanh_c=new(big_h),
+            cells2=new(big_h, rows.batch + (rows.total if keep else rows.batch)),
+            unprojected=new(big_h) if s.projected else None,
         )
 
     def tensors(self) -> list[Tensor]:
         inners = [t for t in self.inners if t is not None]
         per_step = [*self.sig, self.activations, self.tanh_g2, self.tanh_c, self.cells2]
-        return [*self.states.values(), *inners, self.xh, *per_step]
+        extra = [] if self.unprojected is None else [self.unprojected]
+        return [*self.states.values(), *inners, self.xh, *per_step, *extra]
 
     @classmethod
     def from_tensors(
@@ -363,12 +443,13 @@ class _Saved:
         inners = [None if k is None else next(found) for k in ranks]
         xh = next(found)
         sig = [next(found) for _ in range(s.rounds)]
-        return cls(states, inners, xh, sig, *found)
+        per_step = [next(found) for _ in range(4)]
+        return cls(states, inners, xh, sig, *per_step, next(found) if s.projected else None)
 
     def state_over_time(
         self, s: _Structure, state: int, x: Tensor, h_prev: Tensor | None
     ) -> Tensor:
-        """u_s for all steps, (T, B, size): x, h_{t-1}, a state buffer, or a gate-input half."""
+        """u_s for all steps, (R, size): x, h_{t-1}, a state buffer, or a gate-input half."""
         if state == -1 and state + 2 <= s.rounds:
             return x
         if state == 0 and state + 2 <= s.rounds:
@@ -379,33 +460,42 @@ class _Saved:
 
 
 def _forward(
-    structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, weights: _Weights, keep: bool = True
+    structure: _Structure,
+    seq: Sequence,
+    rows: _Rows,
+    state: State,
+    weights: _Weights,
+    keep: bool = True,
 ) -> tuple[Tensor, Tensor, _Saved]:
-    """Run the whole sequence. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), c_T, saved.
+    """Run the whole sequence -> output (R, P), each sequence's last c (B, H), saved buffers.
 
     Without ``keep`` (inference) nothing is kept for a backward: each step reuses one set of
     state buffers, so memory does not grow with T beyond the output."""
-    s, steps, rows, r = structure, x.shape[0], x.shape[1], structure.rounds
+    s, steps, batch, r = structure, rows.steps, rows.batch, structure.rounds
     big_i, big_h = s.input_size, s.hidden_size
-    saved = _Saved.empty(s, weights.ranks, x, keep)
-    output = x.new_empty(steps, rows, big_h)
+    h0, c0 = state
+    x = seq.data
+    saved = _Saved.empty(s, weights.ranks, rows, x, keep)
+    output = x.new_empty(rows.total, s.state_size)
     if weights.native is not None:
-        c_last = x.new_empty(rows, big_h)
-        weights.native.forward(x, h0, c0, saved.tensors(), output, c_last, keep)
+        c_last = x.new_empty(batch, big_h)
+        weights.native.forward(seq, h0, c0, saved.tensors(), output, c_last, keep)
         return output, c_last, saved
 
-    def per_step(buffer: Tensor) -> list[Tensor]:
-        """A buffer's view for each step: its own row block, or the one shared block."""
-        return list(buffer.unbind(0)) if keep else [buffer[0]] * steps
+    sizes = rows.sizes
 
-    out = output.unbind(0)
+    def per_step(buffer: Tensor) -> list[Tensor]:
+        """A buffer's view for each step: its own rows, or a prefix of the one shared block."""
+        return rows.per_step(buffer) if keep else [buffer[:n] for n in sizes]
+
+    out = rows.per_step(output)
     x_final, h_final = s.final_states()
     x_half, h_half = per_step(saved.xh[..., :big_i]), per_step(saved.xh[..., big_i:])
     if h_final == 0:
         h_half[0].copy_(h0)
-    state = {k: per_step(saved.state_over_time(s, k, x, None)) for k in range(1, r + 1)}
-    state[-1] = list(x.unbind(0))  # with no rounds, copied into the gate input each step
-    state[0] = [h0, *out[:-1]]
+    states = {k: per_step(saved.state_over_time(s, k, None, None)) for k in range(1, r + 1)}
+    states[-1] = seq.step_inputs()  # with no rounds, copied into the gate input each step
+    states[0] = [h0, *(out[t - 1][:n] for t, n in enumerate(sizes) if t > 0)]
     rounds = [
         (
             j,
@@ -417,30 +507,44 @@ def _forward(
     ]
     xh, act_steps = per_step(saved.xh), per_step(saved.activations)
     g2_steps, tc_steps = per_step(saved.tanh_g2), per_step(saved.tanh_c)
-    cells = saved.cells2.unbind(0)
-    cells[0].copy_(c0).mul_(2)
+    unprojected = out if saved.unprojected is None else per_step(saved.unprojected)
+    cells_in = saved.cells2[:batch]
+    cells = (
+        [cells_in, *rows.per_step(saved.cells2[batch:])]
+        if keep
+        else [cells_in, saved.cells2[batch:]]
+    )
+    cells_in.copy_(c0).mul_(2)
     mul, gates = torch.mul, weights.gates
-    for t in range(steps):
+    for t, n in enumerate(sizes):
         if x_final == -1:
-            x_half[t].copy_(state[-1][t])
+            x_half[t].copy_(states[-1][t])
         for j, round_, sig_j, inner in rounds:
-            sig = round_.forward(state[j - 1][t], None if inner is None else inner[t], sig_j[t])
-            mul(sig, state[j - 2][t], out=state[j][t])
+            sig = round_.forward(states[j - 1][t], None if inner is None else inner[t], sig_j[t])
+            mul(sig, states[j - 2][t], out=states[j][t])
         act = gates(xh[t], out=act_steps[t], sigmoid=True)
         gate_i, gate_f, gate_g, gate_o = act.chunk(4, 1)
         g2 = mul(gate_g, 4, out=g2_steps[t]).sub_(2)  # 2 tanh(g) = 4σ(2g) − 2
         cell_in, cell_out = (t, t + 1) if keep else (t % 2, (t + 1) % 2)
-        cell2 = mul(gate_f, cells[cell_in], out=cells[cell_out]).addcmul_(gate_i, g2)  # 2 c'
+        cell2 = mul(gate_f, cells[cell_in][:n], out=cells[cell_out][:n]).addcmul_(gate_i, g2)
         tc = torch.sigmoid(cell2, out=tc_steps[t]).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
-        mul(gate_o, tc, out=out[t])
+        mul(gate_o, tc, out=unprojected[t])
+        if s.projected:
+            weights.projection(unprojected[t], out=out[t])
         if h_final == 0 and t + 1 < steps:
-            h_half[t + 1].copy_(out[t])
-    return output, cells[steps if keep else steps % 2] / 2, saved
+            h_half[t + 1].copy_(out[t][: sizes[t + 1]])
+    if keep:
+        last_cells = saved.cells2[batch:].index_select(0, rows.last_rows.to(x.device))
+    else:  # each sequence's last cell is in the block its last step wrote
+        index = (rows.lengths % 2) * batch + torch.arange(batch)
+        last_cells = saved.cells2.index_select(0, index.to(x.device))
+    return output, last_cells / 2, saved
 
 
 def _backward_chain(
     s: _Structure,
     weights: _Weights,
+    rows: _Rows,
     x: Tensor,
     h_prev: Tensor | None,
     saved: _Saved,
@@ -451,10 +555,12 @@ def _backward_chain(
     grad_z: list[Tensor],
     grad_inners: list[Tensor | None],
     grad_act: Tensor,
+    grad_projected: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """The backward time loop in Python: fills grad_x (T, B, I), grad_z[j-1] (T, B, ·),
-    grad_inners and grad_act (T, B, 4, H); returns the gradients of h0 and c0 (B, H)."""
-    steps, rows, r = grad_output.shape[0], grad_output.shape[1], s.rounds
+    """The backward time loop in Python: fills grad_x (R, I), grad_z[j-1] (R, ·), grad_inners,
+    grad_act (R, 4, H) and, with a projection, grad_projected (R, P), the gradient of each
+    step's projected h; returns the gradients of h0 and c0 (B, ·)."""
+    steps, batch, r, sizes = rows.steps, rows.batch, s.rounds, rows.sizes
     big_i, big_h = s.input_size, s.hidden_size
     x_final, h_final = s.final_states()
 
@@ -465,35 +571,30 @@ def _backward_chain(
     #   d_pre[i, f, g] = d(2c) · gate_factors,      d_pre[o] = dh · o_factor
     #   dz_j = du_j · round_factors_j,  du_{j-2} = du_j · σ(z_j)
     gated_states = [saved.state_over_time(s, j - 2, x, h_prev) for j in range(1, r + 1)]
-    d_ifg, d_o = grad_act[:, :, :3].unbind(0), grad_act[:, :, 3].unbind(0)
-    d_pre = grad_act.view(steps, rows, -1).unbind(0)
-    dz = [t.unbind(0) for t in grad_z]
-    dinners = [None if t is None else t.unbind(0) for t in grad_inners]
-    grad_x_steps = grad_x.unbind(0)
+    d_ifg, d_o = rows.per_step(grad_act[:, :3]), rows.per_step(grad_act[:, 3])
+    d_pre = rows.per_step(grad_act.view(rows.total, -1))
+    dz = [rows.per_step(t) for t in grad_z]
+    dinners = [None if t is None else rows.per_step(t) for t in grad_inners]
+    grad_x_steps, grad_out = rows.per_step(grad_x), rows.per_step(grad_output)
+    grad_projected_steps = None if grad_projected is None else rows.per_step(grad_projected)
     mul, gates = torch.mul, weights.gates_backward
-    chunk = max(1, CHUNK_BYTES // (rows * 4 * big_h * x.element_size()))
-    dh = grad_output[-1] + grad_h
+    chunk = max(1, CHUNK_BYTES // (batch * 4 * big_h * x.element_size()))
     dc2 = grad_c / 2  # the gradient of the doubled cell
+    grad_h0 = grad_h
     for end in range(steps, 0, -chunk):
         begin = max(0, end - chunk)
-        span = slice(begin, end)
-        act = saved.activations[span].view(-1, rows, 4, big_h)
+        span = rows.span(begin, end)
+        act = saved.activations[span].view(-1, 4, big_h)
         slope = torch.addcmul(act, act, act, value=-1)  # σ'(pre-activation) = σ(1 − σ)
         tanh_c = saved.tanh_c[span]
-        through = torch.addcmul(act.new_tensor(0.5), tanh_c, tanh_c, value=-0.5).mul_(act[:, :, 3])
-        gate_terms = [
-            saved.tanh_g2[span],
-            saved.cells2[span],
-            act[:, :, 0] * 4,
-            tanh_c,
-        ]
-        factors = torch.stack(gate_terms, dim=2).mul_(slope)
-        through, gate_factors, o_factor = (
-            through.unbind(0),
-            factors[:, :, :3].unbind(0),
-            factors[:, :, 3].unbind(0),
-        )
-        forget = act[:, :, 1].unbind(0)
+        through = torch.addcmul(act.new_tensor(0.5), tanh_c, tanh_c, value=-0.5).mul_(act[:, 3])
+        # Step t's rows of the cell it started from: the first B_t of step t - 1's.
+        cells_in = rows.previous(saved.cells2, span)
+        gate_terms = [saved.tanh_g2[span], cells_in, act[:, 0] * 4, tanh_c]
+        factors = torch.stack(gate_terms, dim=1).mul_(slope)
+        lengths = sizes[begin:end]
+        through, forget = through.split(lengths), act[:, 1].split(lengths)
+        gate_factors, o_factor = factors[:, :3].split(lengths), factors[:, 3].split(lengths)
         rounds = []
         for j in range(r, 0, -1):
             sig = saved.sig[j - 1][span]
@@ -502,18 +603,28 @@ def _backward_chain(
                 (
                     j,
                     weights.rounds[j - 1],
-                    sig.unbind(0),
-                    factor.unbind(0),
+                    sig.split(lengths),
+                    factor.split(lengths),
                     dz[j - 1],
                     dinners[j - 1],
                 )
             )
         for t in range(end - 1, begin - 1, -1):
-            k = t - begin
-            dc2.addcmul_(dh, through[k])
-            mul(dc2.unsqueeze(1), gate_factors[k], out=d_ifg[t])
+            k, n = t - begin, sizes[t]
+            # dh: from the output, and from the next step for the sequences still running
+            # there, else from h_n (their last step).
+            n_next = sizes[t + 1] if t + 1 < steps else 0
+            dh = grad_out[t].clone()
+            dh[:n_next] += grad_h0[:n_next]
+            dh[n_next:] += grad_h[n_next:n]
+            if grad_projected_steps is not None:
+                grad_projected_steps[t].copy_(dh)
+                dh = weights.projection_backward(dh)
+            dc2_t = dc2[:n]
+            dc2_t.addcmul_(dh, through[k])
+            mul(dc2_t.unsqueeze(1), gate_factors[k], out=d_ifg[t])
             mul(dh, o_factor[k], out=d_o[t])
-            dc2.mul_(forget[k])
+            dc2_t.mul_(forget[k])
             grad_xh = gates(d_pre[t])
             grad_state = {x_final: grad_xh[:, :big_i], h_final: grad_xh[:, big_i:]}
             for j, round_, sig_j, factor_j, dz_j, dinner in rounds:
@@ -527,15 +638,15 @@ def _backward_chain(
                 grad_state[j - 1] = round_.backward(dz_j[t], grad_state[j - 1], inner_grad)
             if x_final == -1:
                 grad_x_steps[t].copy_(grad_state[-1])
-            if t > 0:
-                torch.add(grad_output[t - 1], grad_state[0], out=dh)
-    return grad_state[0].clone(), dc2 * 2
+            grad_h0 = grad_state[0]
+    return grad_h0.clone(), dc2 * 2
 
 
 def _backward(
     structure: _Structure,
     weights: _Weights,
-    x: Tensor,
+    rows: _Rows,
+    seq: Sequence,
     h0: Tensor,
     output: Tensor,
     saved: _Saved,
@@ -543,37 +654,41 @@ def _backward(
     grad_h: Tensor,
     grad_c: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
-    """Gradients of x, h0, c0 and of the flat weights, from those of output, h_T and c_T."""
-    s, steps, rows, r = structure, grad_output.shape[0], grad_output.shape[1], structure.rounds
-    big_i, big_h = s.input_size, s.hidden_size
-    grad_x = torch.empty_like(x)
+    """Gradients of the input, h0, c0 and of the flat weights, from those of output (R, P),
+    h_n and c_n; the input's in its own layout."""
+    s, total, r = structure, rows.total, structure.rounds
+    big_i = s.input_size
+    grad_x = seq.data.new_empty(total, big_i)
     # The gradients of the gates' pre-activations and of each round's, side by side in one
     # buffer, so that every bias gradient comes from one sum over the rows.
-    widths = [4 * big_h, *(s.size(j) for j in range(1, r + 1))]
-    pre_grads = x.new_empty(steps, rows, sum(widths))
+    widths = [4 * s.hidden_size, *(s.size(j) for j in range(1, r + 1))]
+    pre_grads = seq.data.new_empty(total, sum(widths))
     grad_act, *grad_z = pre_grads.split(widths, dim=-1)
-    grad_act = grad_act.unflatten(-1, (4, big_h))
+    grad_act = grad_act.unflatten(-1, (4, s.hidden_size))
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
-    h_prev = torch.cat([h0[None], output[:-1]]) if r >= 2 else None
+    grad_projected = grad_output.new_empty(total, s.state_size) if s.projected else None
+    x = rows.all_rows(seq.data)
+    h_prev = None
+    if r >= 2:
+        h_prev = rows.previous(torch.cat([h0, output]), slice(0, total))
     if weights.native is not None:
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(h0)
         weights.native.backward(
-            (grad_output, grad_h, grad_c), x, h0, output, saved.tensors(),
+            (grad_output, grad_h, grad_c), seq, h0, output, saved.tensors(),
             grad_x, grad_h0, grad_c0, pre_grads, grad_inners,
         )  # fmt: skip
     else:
         grad_h0, grad_c0 = _backward_chain(
-            s, weights, x, h_prev, saved, grad_output, grad_h, grad_c,
-            grad_x, grad_z, grad_inners, grad_act,
+            s, weights, rows, x, h_prev, saved, grad_output, grad_h, grad_c,
+            grad_x, grad_z, grad_inners, grad_act, grad_projected,
         )  # fmt: skip
 
-    # Weight gradients: one product each over all T·B rows.
-    total = steps * rows
+    # Weight gradients: one product each over all R rows.
     bias_grads = [None] * (r + 1)
     if s.lstm_bias or any(s.map_bias):
-        bias_grads = pre_grads.view(total, -1).sum(0).split(widths)
+        bias_grads = pre_grads.sum(0).split(widths)
     dp = grad_act.view(total, -1)
-    d_gate_weight = _rows_product(dp, saved.xh.view(total, -1), native=weights.native)
+    d_gate_weight = _rows_product(dp, saved.xh, native=weights.native)
     d_gate_weight[weights.g_rows] *= 2
     d_w_ih = d_gate_weight[:, :big_i] * weights.column_scales[0]
     d_w_hh = d_gate_weight[:, big_i:] * weights.column_scales[1]
@@ -583,13 +698,11 @@ def _backward(
         d_bias[weights.g_rows] *= 2
     map_grads: list[list[Tensor] | None] = [None] * len(s.low_rank)
     for j, m in enumerate(s.map_of_round, start=1):
-        u_all = saved.state_over_time(s, j - 1, x, h_prev).reshape(total, -1)
-        inner, dinner = saved.inners[j - 1], grad_inners[j - 1]
-        if inner is not None:
-            inner, dinner = inner.view(total, -1), dinner.view(total, -1)
+        u_all = saved.state_over_time(s, j - 1, x, h_prev)
         grads = weights.rounds[j - 1].weight_grads(
-            grad_z[j - 1].reshape(total, -1), u_all, inner, dinner, bias_grads[j], weights.native
-        )
+            grad_z[j - 1], u_all, saved.inners[j - 1], grad_inners[j - 1], bias_grads[j],
+            weights.native,
+        )  # fmt: skip
         previous = map_grads[m]
         map_grads[m] = (
             grads
@@ -604,50 +717,57 @@ def _backward(
     ]
     for grads, has_bias in zip(map_grads, s.map_bias, strict=True):
         flat_grads.extend(grads if has_bias else [*grads[:-1], None])
-    return grad_x, grad_h0, grad_c0, flat_grads
+    d_w_hr = None
+    if s.projected:
+        d_w_hr = _rows_product(grad_projected, saved.unprojected, native=weights.native)
+    return rows.laid_out(grad_x), grad_h0, grad_c0, [*flat_grads, d_w_hr]
 
 
 class _FusedSequence(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, structure: _Structure, x: Tensor, h0: Tensor, c0: Tensor, *flat: Tensor | None
-    ):
-        weights = _Weights(structure, flat, x)
-        output, c_last, saved = _forward(structure, x, h0, c0, weights)
-        ctx.structure, ctx.weights = structure, weights
+    def forward(ctx, structure: _Structure, rows: _Rows, x: Tensor, h0: Tensor, c0: Tensor,
+                *flat: Tensor | None):  # fmt: skip
+        seq = Sequence(x, rows.seq.batch_sizes)
+        weights = _Weights(structure, flat, rows, x)
+        output, c_last, saved = _forward(structure, seq, rows, State(h0, c0), weights)
+        ctx.structure, ctx.rows, ctx.weights = structure, rows, weights
         # The parameters are saved only so that autograd refuses a backward after they were
         # changed in place (the folded copies in ctx.weights would hide that).
         params = [t for t in flat if t is not None]
         ctx.save_for_backward(x, h0, output, *params, *saved.tensors())
         ctx.param_count = len(params)
-        return output, output[-1].clone(), c_last
+        h_last = output.index_select(0, rows.last_rows.to(x.device))
+        return rows.laid_out(output), h_last, c_last
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
         refuse_double_backward("fused")
-        structure, weights = ctx.structure, ctx.weights
+        structure, rows, weights = ctx.structure, ctx.rows, ctx.weights
         x, h0, output, *rest = ctx.saved_tensors
         saved = _Saved.from_tensors(structure, weights.ranks, tuple(rest[ctx.param_count :]))
+        grad_output = rows.all_rows(grad_output.contiguous())
         grad_x, grad_h0, grad_c0, grads = _backward(
-            structure, weights, x, h0, output, saved, grad_output.contiguous(), grad_h, grad_c
-        )
-        return None, grad_x, grad_h0, grad_c0, *grads
+            structure, weights, rows, Sequence(x, rows.seq.batch_sizes), h0, output, saved,
+            grad_output, grad_h, grad_c,
+        )  # fmt: skip
+        return None, None, grad_x, grad_h0, grad_c0, *grads
 
 
-def run_fused(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+def run_fused(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+    """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
     structure, flat = _split(params)
     # Rows may be strided (batch_first), elements not (the C++ loops read whole rows).
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    h0, c0 = h0.contiguous(), c0.contiguous()
+    x = seq.data if seq.data.stride(-1) == 1 else seq.data.contiguous()
+    h0, c0 = state.h.contiguous(), state.c.contiguous()
+    rows = _Rows(Sequence(x, seq.batch_sizes))
     if needs_backward(x, h0, c0, *flat):
-        return _FusedSequence.apply(structure, x, h0, c0, *flat)
+        output, h, c = _FusedSequence.apply(structure, rows, x, h0, c0, *flat)
+        return output, State(h, c)
     with torch.no_grad():
-        weights = _Weights(structure, tuple(flat), x)
-        output, c_last, _ = _forward(structure, x, h0, c0, weights, keep=False)
-        return output, output[-1].clone(), c_last
+        weights = _Weights(structure, tuple(flat), rows, x)
+        output, c_last, _ = _forward(structure, rows.seq, rows, State(h0, c0), weights, keep=False)
+        h_last = output.index_select(0, rows.last_rows.to(x.device))
+        return rows.laid_out(output), State(h_last, c_last)
 
 
 BACKEND = Backend(name="fused", run=run_fused)

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mogrifier_fast.mogrify import Sequence
+
 logger = logging.getLogger("mogrifier_fast")
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ["bindings.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_neon.cpp", "isa_generic.cpp"]
@@ -55,9 +57,11 @@ PACK_MIN_ROWS = 3
 PACK_MIN_ROW_STEPS = 48
 
 
-def packs(steps: int, rows: int) -> bool:
-    """Whether a call of ``steps`` steps on ``rows`` batch rows packs the weights first."""
-    return rows >= PACK_MIN_ROWS and steps * rows >= PACK_MIN_ROW_STEPS
+def packs(steps: int, rows: int, total: int | None = None) -> bool:
+    """Whether a call of ``steps`` steps on ``rows`` batch rows (``total`` rows over all steps,
+    fewer than steps x rows for a packed batch) packs the weights first."""
+    total = steps * rows if total is None else total
+    return rows >= PACK_MIN_ROWS and total >= PACK_MIN_ROW_STEPS
 
 
 def _build_name() -> str:
@@ -225,7 +229,8 @@ class NativeCall:
     """What every op of one call shares, decided once per call: the variant, the parameters as
     stored ([w_ih, w_hh, b_ih, b_hh, then each round's factors and bias]), the powers of two
     the gate product's x and h halves and each round's input carry, each round's factor count,
-    and the plan (threads, split_rows, packed)."""
+    the plan (threads, split_rows, packed) and the batch (B rows; a packed batch's
+    batch_sizes, else empty)."""
 
     isa: str
     params: list[Tensor | None]
@@ -234,39 +239,60 @@ class NativeCall:
     threads: int
     split_rows: bool
     packed: bool
+    batch: int
+    batch_sizes: list[int]
 
     @classmethod
     def prepare(
-        cls, params: list[Tensor | None], scales: list[float], factors: list[int], shape
+        cls,
+        params: list[Tensor | None],
+        scales: list[float],
+        factors: list[int],
+        seq: Sequence,
+        total: int,
     ) -> NativeCall:
-        """For a call on x of shape (T, B, I); matrices given contiguous rows if they lack them."""
-        steps, rows = shape[0], shape[1]
+        """For a call on ``seq`` of ``total`` rows over all steps; matrices given contiguous
+        rows if they lack them."""
+        rows = seq.batch
         params = [p if p is None or p.stride(-1) == 1 else p.contiguous() for p in params]
         w_ih, w_hh = params[0], params[1]
         weight_bytes = 4 * sum(p.numel() for p in params if p is not None and p.dim() == 2)
         gate_macs = rows * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1])
         threads, split_rows = plan(rows, gate_macs, weight_bytes)
-        return cls(isa(), params, scales, factors, threads, split_rows, packs(steps, rows))
+        packed_weights = packs(seq.steps, rows, total)
+        sizes = list(seq.batch_sizes or ())
+        return cls(isa(), params, scales, factors, threads, split_rows, packed_weights, rows, sizes)
 
-    def forward(self, x: Tensor, h0: Tensor, c0: Tensor, saved: list[Tensor], output: Tensor,
-                c_last: Tensor, keep: bool) -> None:  # fmt: skip
-        """Fill output (T, B, H), c_last (B, H) and the saved buffers."""
+    def _blocks(self, t: Tensor, per_step: bool = True) -> Tensor:
+        """A buffer as the loops read it: (·, B, width) blocks, or, for a packed batch's
+        buffers that hold every step (``per_step``: R rows, or B + R for the cells), the rows
+        as they are."""
+        return t if per_step and self.batch_sizes else t.view(-1, self.batch, t.shape[-1])
+
+    def forward(self, seq: Sequence, h0: Tensor, c0: Tensor, saved: list[Tensor],
+                output: Tensor, c_last: Tensor, keep: bool) -> None:  # fmt: skip
+        """Fill output (R, H), c_last (B, H) and the saved buffers."""
         torch.ops.mogrifier_fast.chain_forward(
-            self.isa, x, h0, c0, self.params, self.scales, self.factors, saved, output, c_last,
-            keep, self.threads, self.split_rows, self.packed,
+            self.isa, seq.data, h0, c0, self.params, self.scales, self.factors,
+            [self._blocks(t, keep) for t in saved], self._blocks(output), c_last, keep, self.threads,
+            self.split_rows, self.packed, self.batch_sizes,
         )  # fmt: skip
 
-    def backward(self, grads: tuple[Tensor, Tensor, Tensor], x: Tensor, h0: Tensor,
+    def backward(self, grads: tuple[Tensor, Tensor, Tensor], seq: Sequence, h0: Tensor,
                  output: Tensor, saved: list[Tensor], grad_x: Tensor, grad_h0: Tensor,
                  grad_c0: Tensor, grad_pre: Tensor,
                  grad_inners: list[Tensor | None]) -> None:  # fmt: skip
-        """From the gradients of (output, h_T, c_T), fill grad_x, grad_h0, grad_c0, grad_pre
-        (T, B, 4H + the rounds' widths) and the low-rank rounds' inner gradients."""
+        """From the gradients of (output (R, H), h_n, c_n), fill grad_x (R, I), grad_h0,
+        grad_c0, grad_pre (R, 4H + the rounds' widths) and the low-rank rounds' inner
+        gradients."""
         grad_output, grad_h, grad_c = grads
+        blocks = self._blocks
         torch.ops.mogrifier_fast.chain_backward(
-            self.isa, grad_output, grad_h.contiguous(), grad_c.contiguous(), x, h0, output,
-            self.params, self.scales, self.factors, saved, grad_x, grad_h0, grad_c0, grad_pre,
-            grad_inners, self.threads, self.split_rows, self.packed,
+            self.isa, blocks(grad_output), grad_h.contiguous(), grad_c.contiguous(), seq.data,
+            h0, blocks(output), self.params, self.scales, self.factors,
+            [blocks(t) for t in saved], blocks(grad_x), grad_h0, grad_c0, blocks(grad_pre),
+            [None if t is None else blocks(t) for t in grad_inners], self.threads,
+            self.split_rows, self.packed, self.batch_sizes,
         )  # fmt: skip
 
     def rows_product(self, a: Tensor, b: Tensor, scale: float) -> Tensor | None:

@@ -18,7 +18,7 @@ from mogrifier_fast.backends.cuda_graphs import graphed
 from mogrifier_fast.backends.triton_steps import run_sequence
 from mogrifier_fast.kernels import kernel_unavailable_reason
 from mogrifier_fast.kernels.persistent import _persistent_forward_kernel
-from mogrifier_fast.mogrify import LayerParams
+from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 # The most weight bytes a layer-direction may have to run persistently (about two thirds of an
 # H100/H200's 50-60 MB L2). A design bound, not a measured optimum.
@@ -38,13 +38,12 @@ def weight_bytes(params: LayerParams) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def run_persistent(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+def run_persistent(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+    """One layer, one direction, padded input without projections (see
+    :mod:`mogrifier_fast.backends` for the contract)."""
     size = weight_bytes(params)
     if size > MAX_WEIGHT_BYTES:
-        shape = (params.w_ih.shape, params.w_hh.shape, params.rounds, x.dtype)
+        shape = (params.w_ih.shape, params.w_hh.shape, params.rounds, seq.data.dtype)
         if shape not in _fallbacks_logged:
             _fallbacks_logged.add(shape)
             logger.warning(
@@ -52,12 +51,13 @@ def run_persistent(
                 "(MAX_WEIGHT_BYTES); this layer runs step by step (backend 'triton')",
                 size / 2**20, MAX_WEIGHT_BYTES / 2**20,
             )  # fmt: skip
-        return run_sequence(x, h0, c0, params)
-    return run_sequence(x, h0, c0, params, persistent=True)
+        return run_sequence(seq, state, params)
+    return run_sequence(seq, state, params, persistent=True)
 
 
 BACKEND = Backend(
     name="persistent",
     run=graphed("persistent", run_persistent),
     unavailable_reason=lambda device: kernel_unavailable_reason(_persistent_forward_kernel, device),
+    supports=frozenset(),
 )

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mogrifier_fast.backends import Backend, quiet_torchscript_deprecation
-from mogrifier_fast.mogrify import LayerParams, mogrifier_lstm_sequence
+from mogrifier_fast.mogrify import LayerParams, Sequence, State, mogrifier_lstm_sequence
 
 
 @functools.cache
@@ -27,14 +27,15 @@ def _scripted_sequence() -> torch.jit.ScriptFunction | str:
             return f"torch.jit.script failed ({type(error).__name__}: {error})"
 
 
-def run_scripted(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
+def run_scripted(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
+    """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
     # Without graph optimisation the interpreter records autograd per op, as eager does; the
     # profiling executor's differentiable graphs can mix up shapes across layers of one model.
     with quiet_torchscript_deprecation(), torch.jit.optimized_execution(False):
-        return _scripted_sequence()(x, h0, c0, *params.step_args())
+        outputs, h, c = _scripted_sequence()(
+            seq.step_inputs(), state.h, state.c, *params.step_args()
+        )
+    return seq.join(outputs), State(h, c)
 
 
 def _unavailable_reason(device: torch.device) -> str | None:

@@ -26,7 +26,7 @@ from mogrifier_fast.kernels.mogrify import (
     stacked_map_grads,
 )
 from mogrifier_fast.kernels.persistent import persistent_backward, persistent_forward
-from mogrifier_fast.mogrify import LayerParams
+from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 
 def _forward(
@@ -118,21 +118,25 @@ class _TritonSequence(torch.autograd.Function):
 
 
 def run_sequence(
-    x: Tensor, h0: Tensor, c0: Tensor, params: LayerParams, persistent: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction. x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), h_T, c_T."""
-    check_dtype("persistent" if persistent else "triton", x)
+    seq: Sequence, state: State, params: LayerParams, persistent: bool = False
+) -> tuple[Tensor, State]:
+    """One layer, one direction, padded input without projections (see
+    :mod:`mogrifier_fast.backends` for the contract)."""
+    check_dtype("persistent" if persistent else "triton", seq.data)
     maps = StackedMaps.from_params(params)
     bias = None if params.b_ih is None else params.b_ih + params.b_hh
-    args = (x.contiguous(), h0.contiguous(), c0.contiguous(), params.w_ih, params.w_hh, bias)
+    x, h0, c0 = (t.contiguous() for t in (seq.data, *state))
+    args = (x, h0, c0, params.w_ih, params.w_hh, bias)
     if needs_backward(*args, *maps):
-        return _TritonSequence.apply(persistent, *args, *maps)
+        output, h, c = _TritonSequence.apply(persistent, *args, *maps)
+        return output, State(h, c)
     output, cells, _, _ = _forward(*args, maps, persistent)
-    return output, output[-1].clone(), cells[-1].clone()
+    return output, State(output[-1].clone(), cells[-1].clone())
 
 
 BACKEND = Backend(
     name="triton",
     run=graphed("triton", run_sequence),
     unavailable_reason=lambda device: kernel_unavailable_reason(_lstm_forward_kernel, device),
+    supports=frozenset(),
 )

@@ -69,13 +69,42 @@ void check_float(const at::Tensor& t, const char* what) {
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
 }
 
-Seq seq(const at::Tensor& t, const char* what, int64_t offset = 0) {
-  check_float(t, what);
-  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "mogrifier_fast: ", what,
-              " must be (T, B, width) with a contiguous last dimension, got sizes ", t.sizes(),
-              " strides ", t.strides());
-  return {t.data_ptr<float>() + offset, t.size(0) > 1 ? t.stride(0) : 0, t.stride(1)};
-}
+// How a call's buffers hold its steps: (T, B, width) blocks, or for a packed batch (its
+// batch_sizes given) (R, width) rows, step t's from row first[t]; cells2 holds c_0's B rows
+// before them (cell_first: 0, then B + first[t] for the cell step t writes).
+struct Layout {
+  std::vector<int64_t> batch_sizes, first, cell_first;
+
+  explicit Layout(c10::IntArrayRef sizes) : batch_sizes(sizes.begin(), sizes.end()) {
+    int64_t row = 0;
+    for (size_t t = 0; t < batch_sizes.size(); ++t) {
+      TORCH_CHECK(batch_sizes[t] >= 1 && (t == 0 || batch_sizes[t] <= batch_sizes[t - 1]),
+                  "mogrifier_fast: batch_sizes must be positive and non-increasing");
+      first.push_back(row);
+      row += batch_sizes[t];
+    }
+    if (!batch_sizes.empty()) {
+      cell_first.push_back(0);
+      for (int64_t f : first) cell_first.push_back(batch_sizes[0] + f);
+    }
+  }
+  bool packed() const { return !batch_sizes.empty(); }
+
+  Seq seq(const at::Tensor& t, const char* what, int64_t offset = 0, bool cells = false) const {
+    check_float(t, what);
+    if (t.dim() == 2) {
+      TORCH_CHECK(packed() && t.stride(1) == 1, "mogrifier_fast: ", what,
+                  " is (rows, width): a packed batch's, which needs its batch_sizes and a "
+                  "contiguous last dimension; got sizes ", t.sizes(), " strides ", t.strides());
+      return {t.data_ptr<float>() + offset, 0, t.stride(0),
+              cells ? cell_first.data() : first.data()};
+    }
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "mogrifier_fast: ", what,
+                " must be (T, B, width) with a contiguous last dimension, got sizes ",
+                t.sizes(), " strides ", t.strides());
+    return {t.data_ptr<float>() + offset, t.size(0) > 1 ? t.stride(0) : 0, t.stride(1)};
+  }
+};
 
 float* rows_of(const at::Tensor& t, const char* what) {
   check_float(t, what);
@@ -149,11 +178,11 @@ struct SavedBuffers {
   Saved saved;
   std::vector<Seq> states, inners, sig;
 
-  SavedBuffers(at::TensorList tensors, const Params& p) {
+  SavedBuffers(at::TensorList tensors, const Params& p, const Layout& layout) {
     size_t next = 0;
-    auto take = [&](const char* what) {
+    auto take = [&](const char* what, bool cells = false) {
       TORCH_CHECK(next < tensors.size(), "mogrifier_fast: too few saved buffers");
-      return seq(tensors[next++], what);
+      return layout.seq(tensors[next++], what, 0, cells);
     };
     for (int64_t s = 1; s + 1 < p.rounds; ++s) states.push_back(take("a saved state"));
     for (int64_t j = 0; j < p.rounds; ++j)
@@ -163,7 +192,7 @@ struct SavedBuffers {
     saved.act = take("activations");
     saved.tanh_g2 = take("tanh_g2");
     saved.tanh_c = take("tanh_c");
-    saved.cells2 = take("cells2");
+    saved.cells2 = take("cells2", true);
     TORCH_CHECK(next == tensors.size(), "mogrifier_fast: ", tensors.size(),
                 " saved buffers, expected ", next);
     saved.states = states.data();
@@ -172,9 +201,10 @@ struct SavedBuffers {
   }
 };
 
-// The arguments both ops share, decoded once: the parameters, the saved buffers, and the Call
-// that points into them (so a LayerCall is built in place and never copied).
+// The arguments both ops share, decoded once: the layout, the parameters, the saved buffers,
+// and the Call that points into them (so a LayerCall is built in place and never copied).
 struct LayerCall {
+  Layout layout;
   Layer layer;
   SavedBuffers buffers;
   Call call;
@@ -182,12 +212,22 @@ struct LayerCall {
   LayerCall(const c10::List<std::optional<at::Tensor>>& flat, c10::ArrayRef<double> scales,
             c10::IntArrayRef factors, at::TensorList saved, const at::Tensor& x,
             const at::Tensor& h0, const at::Tensor& output, int64_t threads, bool split_rows,
-            bool packed)
-      : layer(flat, scales, factors),
-        buffers(saved, layer.params),
-        call{&layer.params, x.size(0), x.size(1), seq(x, "x"), rows_of(h0, "h0"),
-             seq(output, "output"), buffers.saved,
-             Plan{static_cast<int>(std::max<int64_t>(1, threads)), split_rows, packed}} {}
+            bool packed, c10::IntArrayRef batch_sizes)
+      : layout(batch_sizes),
+        layer(flat, scales, factors),
+        buffers(saved, layer.params, layout),
+        call{&layer.params,
+             layout.packed() ? static_cast<int64_t>(layout.batch_sizes.size()) : x.size(0),
+             layout.packed() ? layout.batch_sizes[0] : x.size(1),
+             layout.seq(x, "x"),
+             rows_of(h0, "h0"),
+             layout.seq(output, "output"),
+             buffers.saved,
+             Plan{static_cast<int>(std::max<int64_t>(1, threads)), split_rows, packed},
+             layout.packed() ? layout.batch_sizes.data() : nullptr} {
+    TORCH_CHECK(h0.size(0) == call.rows, "mogrifier_fast: h0 has ", h0.size(0), " rows, the ",
+                "batch ", call.rows);
+  }
   LayerCall(const LayerCall&) = delete;
   LayerCall& operator=(const LayerCall&) = delete;
 };
@@ -196,9 +236,11 @@ void chain_forward(const std::string& isa, const at::Tensor& x, const at::Tensor
                    const at::Tensor& c0, const c10::List<std::optional<at::Tensor>>& flat,
                    c10::ArrayRef<double> scales, c10::IntArrayRef factors,
                    at::TensorList saved, const at::Tensor& output, const at::Tensor& c_last,
-                   bool keep, int64_t threads, bool split_rows, bool packed) {
+                   bool keep, int64_t threads, bool split_rows, bool packed,
+                   c10::IntArrayRef batch_sizes) {
   const Kernels& kernels = kernels_for(isa);
-  const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed);
+  const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed,
+                    batch_sizes);
   kernels.forward({c.call, rows_of(c0, "c0"), rows_of(c_last, "c_last"), keep});
 }
 
@@ -210,25 +252,27 @@ void chain_backward(const std::string& isa, const at::Tensor& grad_output,
                     at::TensorList saved, const at::Tensor& grad_x, const at::Tensor& grad_h0,
                     const at::Tensor& grad_c0, const at::Tensor& grad_pre,
                     const c10::List<std::optional<at::Tensor>>& grad_inners, int64_t threads,
-                    bool split_rows, bool packed) {
+                    bool split_rows, bool packed, c10::IntArrayRef batch_sizes) {
   const Kernels& kernels = kernels_for(isa);
-  const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed);
+  const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed,
+                    batch_sizes);
+  const Layout& layout = c.layout;
   const Params& p = c.layer.params;
   // grad_pre: the gates' pre-activation gradients (4H wide), then each round's.
   std::vector<Seq> grad_z, grad_inner;
   int64_t offset = 4 * p.hidden_size;
   for (int64_t j = 1; j <= p.rounds; ++j) {
-    grad_z.push_back(seq(grad_pre, "grad_pre", offset));
+    grad_z.push_back(layout.seq(grad_pre, "grad_pre", offset));
     offset += j % 2 ? p.input_size : p.hidden_size;
     const std::optional<at::Tensor> inner = grad_inners.get(j - 1);
-    grad_inner.push_back(inner.has_value() ? seq(*inner, "a grad inner") : Seq{});
+    grad_inner.push_back(inner.has_value() ? layout.seq(*inner, "a grad inner") : Seq{});
   }
-  TORCH_CHECK(grad_pre.size(2) == offset, "mogrifier_fast: grad_pre is ", grad_pre.size(2),
+  TORCH_CHECK(grad_pre.size(-1) == offset, "mogrifier_fast: grad_pre is ", grad_pre.size(-1),
               " wide, expected ", offset);
-  kernels.backward({c.call, seq(grad_output, "grad_output"), rows_of(grad_h, "grad_h"),
-                    rows_of(grad_c, "grad_c"), seq(grad_x, "grad_x"),
+  kernels.backward({c.call, layout.seq(grad_output, "grad_output"), rows_of(grad_h, "grad_h"),
+                    rows_of(grad_c, "grad_c"), layout.seq(grad_x, "grad_x"),
                     rows_of(grad_h0, "grad_h0"), rows_of(grad_c0, "grad_c0"),
-                    seq(grad_pre, "grad_pre"), grad_z.data(), grad_inner.data()});
+                    layout.seq(grad_pre, "grad_pre"), grad_z.data(), grad_inner.data()});
 }
 
 at::Tensor rows_product(const std::string& isa, const at::Tensor& a, const at::Tensor& b,
@@ -257,13 +301,13 @@ TORCH_LIBRARY(mogrifier_fast, m) {
   m.def(
       "chain_forward(str isa, Tensor x, Tensor h0, Tensor c0, Tensor?[] params, float[] scales, "
       "int[] factors, Tensor(a!)[] saved, Tensor(b!) output, Tensor(c!) c_last, bool keep, "
-      "int threads, bool split_rows, bool packed) -> ()");
+      "int threads, bool split_rows, bool packed, int[] batch_sizes) -> ()");
   m.def(
       "chain_backward(str isa, Tensor grad_output, Tensor grad_h, Tensor grad_c, Tensor x, "
       "Tensor h0, Tensor output, Tensor?[] params, float[] scales, int[] factors, "
       "Tensor[] saved, Tensor(a!) grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_c0, "
       "Tensor(d!) grad_pre, Tensor(e!)?[] grad_inners, int threads, bool split_rows, "
-      "bool packed) -> ()");
+      "bool packed, int[] batch_sizes) -> ()");
   m.def("rows_product(str isa, Tensor a, Tensor b, float scale, int threads) -> Tensor");
 }
 

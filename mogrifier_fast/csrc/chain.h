@@ -20,10 +20,14 @@ namespace mogrifier_chain {
 
 // A (T, B, width) buffer whose last dimension is contiguous: element (t, b, 0) at
 // base + t step + b row. step = 0 when one block serves every step (inference keeps nothing).
+// A packed batch's rows, step after step: element (t, b, 0) at base + (first[t] + b) row.
 struct Seq {
   float* base = nullptr;
   int64_t step = 0, row = 0;
-  float* at(int64_t t, int64_t b) const { return base + t * step + b * row; }
+  const int64_t* first = nullptr;
+  float* at(int64_t t, int64_t b) const {
+    return base + (first != nullptr ? first[t] * row : t * step) + b * row;
+  }
 };
 
 // A parameter as stored: row-major (rows, cols), rows ld apart.
@@ -71,7 +75,9 @@ struct Plan {
   bool packed = true;
 };
 
-// What the forward and the backward of one layer-direction's call both read.
+// What the forward and the backward of one layer-direction's call both read. A packed batch
+// runs batch_sizes[t] <= B rows at step t, the first ones (sequences sorted longest first);
+// batch_sizes is null when every step runs all B rows.
 struct Call {
   const Params* params;
   int64_t steps, rows;
@@ -80,6 +86,14 @@ struct Call {
   Seq output;                     // (T, B, H): the forward's result, the backward's input
   Saved saved;
   Plan plan;
+  const int64_t* batch_sizes = nullptr;
+  int64_t active(int64_t t) const { return batch_sizes != nullptr ? batch_sizes[t] : rows; }
+  // How many steps sequence b runs.
+  int64_t length(int64_t b) const {
+    int64_t t = 0;
+    while (t < steps && active(t) > b) ++t;
+    return t;
+  }
 };
 
 struct ForwardArgs {

@@ -57,10 +57,13 @@ struct Part {
       team = size;
     }
   }
-  int64_t rows() const { return row_end - row_begin; }
+  // This part's rows among the first n (the rows a step of a packed batch runs): [row_begin,
+  // end(n)), rows(n) of them.
+  int64_t end(int64_t n) const { return std::max(row_begin, std::min(row_end, n)); }
+  int64_t rows(int64_t n) const { return end(n) - row_begin; }
   Share columns(int64_t n) const { return Share(n, thread, team); }
-  Share own_rows() const {
-    const Share share(rows(), thread, team);
+  Share own_rows(int64_t n) const {
+    const Share share(rows(n), thread, team);
     return {row_begin + share.begin, row_begin + share.end};
   }
   void sync() const {
@@ -495,17 +498,18 @@ struct Loops {
     }
   };
 
-  // A low-rank map's first product of this thread's rows, in (rows, lda apart) -> (rows, k):
-  // this thread's columns of it stored at step t of `inner`, then a barrier. Returns the whole
-  // value's rows (and their distance in lda): the input of the map's second product.
-  static const float* inner_value(const Part& part, const float* in, int64_t& lda,
+  // A low-rank map's first product of this thread's rows among the first n, in (rows, lda
+  // apart) -> (rows, k): this thread's columns of it stored at step t of `inner`, then a
+  // barrier. Returns the whole value's rows (and their distance in lda): the input of the map's
+  // second product.
+  static const float* inner_value(const Part& part, int64_t n, const float* in, int64_t& lda,
                                   const Product& map, float* scratch, int64_t scratch_width,
                                   const Seq& inner, int64_t t) {
     const Share share = part.columns(map.panels());
-    map.run(in, lda, part.rows(), share.begin, share.end,
+    map.run(in, lda, part.rows(n), share.begin, share.end,
             scratch + part.row_begin * scratch_width, scratch_width, false);
     const int64_t c1 = std::min(share.end * L, map.blocks[0].width);
-    for (int64_t b = part.row_begin; b < part.row_end; ++b)
+    for (int64_t b = part.row_begin; b < part.end(n); ++b)
       for (int64_t c = share.begin * L; c < c1; c += L)
         store(inner.at(t, b) + c, load(scratch + b * scratch_width + c), std::min(L, c1 - c));
     part.sync();
@@ -544,17 +548,17 @@ struct Loops {
     if (state.h_final == 0)  // later steps: copied in the loop
       for (int64_t b = 0; b < rows; ++b)
         std::memcpy(state.xh.at(0, b) + I, c.h0 + b * H, H * sizeof(float));
-    const int64_t last_cell = f.keep ? steps : steps % 2;
 
 #pragma omp parallel num_threads(threads)
     {
       const Part part(rows, c.plan.split_rows, Tile::MR);
-      const int64_t r0 = part.row_begin, r1 = part.row_end;
+      const int64_t r0 = part.row_begin;
       float* const c_rows = scratch + r0 * scratch_width;
       for (int64_t t = 0; t < steps; ++t) {
+        const int64_t active = c.active(t), r1 = part.end(active), own = part.rows(active);
         // With fewer than two rounds, x or h_{t-1} enter the gate product unchanged: copied in.
         if (state.x_final == -1 || (state.h_final == 0 && t > 0)) {
-          const Share share = part.own_rows();
+          const Share share = part.own_rows(active);
           for (int64_t b = share.begin; b < share.end; ++b) {
             if (state.x_final == -1)
               std::memcpy(state.xh.at(t, b), state.x.at(t, b), I * sizeof(float));
@@ -568,11 +572,12 @@ struct Loops {
           const float* in = state.at(j - 1, t, r0);
           int64_t lda = state.rows(j - 1, t).ld;
           if (m.size() == 2)  // low rank: the inner value first
-            in = inner_value(part, in, lda, m[0], scratch, scratch_width, c.saved.inners[j - 1], t);
+            in = inner_value(part, active, in, lda, m[0], scratch, scratch_width,
+                             c.saved.inners[j - 1], t);
           const Product& out_map = m.back();
           const float* bias = p.maps[j - 1].bias;
           const Share share = part.columns(out_map.panels());
-          out_map.run(in, lda, part.rows(), share.begin, share.end, c_rows, scratch_width, false);
+          out_map.run(in, lda, own, share.begin, share.end, c_rows, scratch_width, false);
           const int64_t c1 = std::min(share.end * L, out_map.blocks[0].width);
           for (int64_t b = r0; b < r1; ++b) {
             const float* gated = state.at(j - 2, t, b);
@@ -592,7 +597,7 @@ struct Loops {
         // Gates: this thread's hidden units, all four gates of each.
         const Share share = part.columns(hp);
         for (int64_t g = 0; g < 4; ++g)
-          gates.run(state.xh.at(t, r0), state.xh.row, part.rows(), g * hp + share.begin,
+          gates.run(state.xh.at(t, r0), state.xh.row, own, g * hp + share.begin,
                     g * hp + share.end, c_rows, scratch_width, false);
         const int64_t u1 = std::min(share.end * L, H);
         const int64_t cell_in = f.keep ? t : t % 2, cell_out = f.keep ? t + 1 : (t + 1) % 2;
@@ -621,8 +626,10 @@ struct Loops {
         part.sync();
       }
     }
-    for (int64_t b = 0; b < rows; ++b)
+    for (int64_t b = 0; b < rows; ++b) {  // the cell each sequence's last step wrote
+      const int64_t length = c.length(b), last_cell = f.keep ? length : length % 2;
       for (int64_t u = 0; u < H; ++u) f.c_last[b * H + u] = cells.at(last_cell, b)[u] / 2.0f;
+    }
   }
 
   // ---- the backward -------------------------------------------------------------------------
@@ -664,14 +671,17 @@ struct Loops {
 #pragma omp parallel num_threads(threads)
     {
       const Part part(rows, c.plan.split_rows, Tile::MR);
-      const int64_t r0 = part.row_begin, r1 = part.row_end;
+      const int64_t r0 = part.row_begin;
       float* const c_rows = scratch + r0 * scratch_width;
       const Share units = part.columns(hp);
       const int64_t u1 = std::min(units.end * L, H);
       for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t active = c.active(t), r1 = part.end(active), own = part.rows(active);
+        // Rows below next_active run step t + 1 too; the others end at step t, their dh is h_n's.
+        const int64_t next_active = t + 1 < steps ? c.active(t + 1) : 0;
         // Through the cell and the gates' sigmoids: this thread's hidden units.
         for (int64_t b = r0; b < r1; ++b) {
-          const float* dh_next = t == steps - 1 ? g.grad_h + b * H : grad_state[0] + b * h_width;
+          const float* dh_next = b >= next_active ? g.grad_h + b * H : grad_state[0] + b * h_width;
           const float* a_in = act_s.at(t, b);
           float* d_pre = dact.at(t, b);
           float* dc2_b = dc2.data() + b * H;
@@ -692,7 +702,7 @@ struct Loops {
         part.sync();
         {  // [dx, dh] of the gate product, into the two final states' gradients
           const Share share = part.columns(gates.panels());
-          gates.run(dact.at(t, r0), dact.row, part.rows(), share.begin, share.end, c_rows,
+          gates.run(dact.at(t, r0), dact.row, own, share.begin, share.end, c_rows,
                     scratch_width, false);
           for (int64_t b = r0; b < r1; ++b)
             for (int64_t c = share.begin * L; c < share.end * L; c += L) {
@@ -728,11 +738,12 @@ struct Loops {
           const float* dz = g.grad_z[j - 1].at(t, r0);
           int64_t lda = g.grad_z[j - 1].row;
           if (m.size() == 2)  // low rank: dz A first
-            dz = inner_value(part, dz, lda, m[0], scratch, scratch_width, g.grad_inners[j - 1], t);
+            dz = inner_value(part, active, dz, lda, m[0], scratch, scratch_width,
+                             g.grad_inners[j - 1], t);
           const Product& last = m.back();
           const Share share = part.columns(last.panels());
           const int64_t ldg = round_up(state.width(j - 1));
-          last.run(dz, lda, part.rows(), share.begin, share.end, grad_state[j - 1] + r0 * ldg,
+          last.run(dz, lda, own, share.begin, share.end, grad_state[j - 1] + r0 * ldg,
                    ldg, true);
           part.sync();
         }

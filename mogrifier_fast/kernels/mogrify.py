@@ -292,7 +292,7 @@ class StackedMaps(NamedTuple):
         def stack_bias(maps) -> Tensor | None:
             return None if not maps or maps[0].bias is None else torch.stack([m.bias for m in maps])
 
-        x_maps, h_maps = params.maps[0::2], params.maps[1::2]
+        x_maps, h_maps = params.round_maps[0::2], params.round_maps[1::2]
         return cls(
             stack(x_maps, 0), stack(h_maps, 0), stack(x_maps, 1), stack(h_maps, 1),
             stack_bias(x_maps), stack_bias(h_maps),
