@@ -257,6 +257,12 @@ class MogrifierLSTM(_MogrifierBase):
                 f"proj_size: expected 0 (no projection) or an int in 1..hidden_size - 1 = "
                 f"1..{hidden_size - 1}, got {proj_size}"
             )
+        if proj_size and rank is not None and rank > min(input_size, proj_size):
+            raise ValueError(
+                f"rank: with proj_size the maps are (input_size, proj_size) and back: expected "
+                f"None or an int in 1..min(input_size, proj_size) = "
+                f"1..{min(input_size, proj_size)}, got {rank}"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 "dropout option adds dropout after all but last recurrent layer, so non-zero "

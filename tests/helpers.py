@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import mogrifier_fast as mf
 
@@ -49,6 +50,7 @@ def oracle_forward(
     every layer but the last, after ``torch.manual_seed(dropout_seed)``.
     """
     p = dict(layer.named_parameters())
+    state_size = layer.proj_size or layer.hidden_size
     big_h, dirs, n_layers, r = (
         layer.hidden_size,
         layer.num_directions,
@@ -59,7 +61,8 @@ def oracle_forward(
     x = input[:, None] if unbatched else (input.transpose(0, 1) if layer.batch_first else input)
     steps, batch = x.shape[0], x.shape[1]
     if hx is None:
-        h0 = c0 = x.new_zeros(n_layers * dirs, batch, big_h)
+        h0 = x.new_zeros(n_layers * dirs, batch, state_size)
+        c0 = x.new_zeros(n_layers * dirs, batch, big_h)
     else:
         h0, c0 = (t[:, None] if unbatched else t for t in hx)
     if dropout_seed is not None:
@@ -95,6 +98,8 @@ def oracle_forward(
                 i, f, g, o = (gates[:, q * big_h : (q + 1) * big_h] for q in range(4))
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
+                if layer.proj_size:
+                    h = h @ p[f"weight_hr{suffix}"].T
                 outputs[t] = h
             per_direction.append(outputs)
             h_n.append(h)
@@ -118,12 +123,16 @@ class Case:
     with_hx: bool = False
     seed: int = 0
     name: str = field(default="")
+    # Set: a packed batch of sequences of these lengths (unsorted; steps = the longest).
+    lengths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             shown = {k: v for k, v in self.kwargs.items() if k not in ("input_size", "hidden_size")}
             size = f"I{self.kwargs['input_size']}H{self.kwargs['hidden_size']}"
             flags = "-unbatched" if self.unbatched else f"-N{self.batch}"
+            if self.lengths:
+                flags = "-packed" + "_".join(map(str, self.lengths))
             flags += "-hx" if self.with_hx else ""
             self.name = f"{size}-T{self.steps}{flags}-" + "-".join(
                 f"{k}={v}" for k, v in shown.items()
@@ -136,7 +145,8 @@ class Case:
         device: torch.device | str = "cpu",
     ):
         """(layer, input, hx or None) on ``device``, deterministic in ``seed`` (drawn on CPU);
-        input and hx require grad."""
+        input and hx require grad. A packed case's input is the padded (T, N, input_size)
+        leaf; :func:`layer_input` packs it."""
         torch.manual_seed(self.seed)
         layer = mf.MogrifierLSTM(**self.kwargs, backend=backend, dtype=dtype).to(device)
         size = (self.steps, self.kwargs["input_size"])
@@ -153,12 +163,16 @@ class Case:
             states = self.kwargs.get("num_layers", 1) * (
                 2 if self.kwargs.get("bidirectional") else 1
             )
-            state_size = (
-                (states, self.kwargs["hidden_size"])
-                if self.unbatched
-                else (states, self.batch, self.kwargs["hidden_size"])
+            widths = (self.kwargs.get("proj_size") or self.kwargs["hidden_size"],)
+            widths += (self.kwargs["hidden_size"],)
+            hx = tuple(
+                torch.randn(
+                    (states, w) if self.unbatched else (states, self.batch, w),
+                    dtype=dtype,
+                    requires_grad=True,
+                )
+                for w in widths
             )
-            hx = tuple(torch.randn(state_size, dtype=dtype, requires_grad=True) for _ in range(2))
         if torch.device(device).type != "cpu":
             x = x.detach().to(device).requires_grad_()
             hx = None if hx is None else tuple(t.detach().to(device).requires_grad_() for t in hx)
@@ -167,7 +181,8 @@ class Case:
 
 def random_cases(count: int, seed: int) -> list[Case]:
     """``count`` random configurations covering rounds 0..6, low rank, shared rounds, no bias,
-    1-3 layers, bidirectional, batch_first, unbatched, with and without hx."""
+    1-3 layers, bidirectional, batch_first, unbatched, projections, packed batches of unsorted
+    lengths, with and without hx."""
     rng = random.Random(seed)
     cases = []
     for index in range(count):
@@ -184,17 +199,41 @@ def random_cases(count: int, seed: int) -> list[Case]:
             "share_rounds": rng.random() < 0.3,
             "rank": rng.choice([None, None, rng.randint(1, min(input_size, hidden_size))]),
         }
-        cases.append(
-            Case(
-                kwargs,
-                steps=rng.randint(1, 7),
-                batch=rng.randint(1, 4),
-                unbatched=rng.random() < 0.2,
-                with_hx=rng.random() < 0.5,
-                seed=1000 * seed + index,
-            )
+        if hidden_size > 1 and rng.random() < 0.25:
+            kwargs["proj_size"] = rng.randint(1, hidden_size - 1)
+            if kwargs["rank"] is not None:
+                kwargs["rank"] = min(kwargs["rank"], kwargs["proj_size"])
+        case = Case(
+            kwargs,
+            steps=rng.randint(1, 7),
+            batch=rng.randint(1, 4),
+            unbatched=rng.random() < 0.2,
+            with_hx=rng.random() < 0.5,
+            seed=1000 * seed + index,
         )
+        if not case.unbatched and rng.random() < 0.3:
+            lengths = tuple(rng.randint(1, case.steps) for _ in range(case.batch))
+            case = Case(kwargs, case.steps, case.batch, False, case.with_hx, case.seed, "", lengths)
+        cases.append(case)
     return cases
+
+
+def features(case: Case) -> set[str]:
+    """The optional backend features (``mogrifier_fast.backends.FEATURES``) a case uses."""
+    used = {"packed"} if case.lengths else set()
+    return used | ({"proj"} if case.kwargs.get("proj_size") else set())
+
+
+def layer_input(x: Tensor, lengths: tuple[int, ...] | None, batch_first: bool = False):
+    """The layer's input: ``x`` itself, or for a packed case the padded leaf ``x`` packed."""
+    if lengths is None:
+        return x
+    return pack_padded_sequence(x, list(lengths), batch_first=batch_first, enforce_sorted=False)
+
+
+def flat_output(output) -> Tensor:
+    """The output tensor: a PackedSequence's rows."""
+    return output.data if isinstance(output, torch.nn.utils.rnn.PackedSequence) else output
 
 
 def grads(outputs: tuple[Tensor, ...], inputs: list[Tensor], seed: int) -> list[Tensor]:
@@ -206,18 +245,38 @@ def grads(outputs: tuple[Tensor, ...], inputs: list[Tensor], seed: int) -> list[
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, found, strict=True)]
 
 
-def run_and_grad(layer, x, hx, seed: int = 7):
-    """Flattened (output, h_n, c_n) of ``layer(x, hx)`` and gradients w.r.t. x, hx, parameters."""
-    output, (h_n, c_n) = layer(x, hx)
+def run_and_grad(layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None = None):
+    """Flattened (output, h_n, c_n) of ``layer(x, hx)`` and gradients w.r.t. x, hx, parameters;
+    with ``lengths``, of the layer on x packed (output: the packed rows)."""
+    output, (h_n, c_n) = layer(layer_input(x, lengths, layer.batch_first), hx)
+    output = flat_output(output)
     leaves = [x, *(hx or ()), *layer.parameters()]
     return (output, h_n, c_n), grads((output, h_n, c_n), leaves, seed)
 
 
-def oracle_and_grad(layer, x, hx, seed: int = 7):
-    """As :func:`run_and_grad`, computed by :func:`oracle_forward` in float64."""
+def oracle_and_grad(layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None = None):
+    """As :func:`run_and_grad`, computed by :func:`oracle_forward` in float64; a packed batch
+    sequence by sequence (each alone, its own length), packed by torch's own utility."""
     layer64 = copy.deepcopy(layer).double()
     x64 = x.detach().double().requires_grad_()
     hx64 = None if hx is None else tuple(t.detach().double().requires_grad_() for t in hx)
-    output, (h_n, c_n) = oracle_forward(layer64, x64, hx64)
+    if lengths is None:
+        output, (h_n, c_n) = oracle_forward(layer64, x64, hx64)
+    else:
+        steps_first = x64.transpose(0, 1) if layer.batch_first else x64
+        alone = copy.deepcopy(layer64)
+        alone.batch_first = False
+        runs = [
+            oracle_forward(
+                alone,
+                steps_first[:length, b : b + 1],
+                None if hx64 is None else tuple(t[:, b : b + 1] for t in hx64),
+            )
+            for b, length in enumerate(lengths)
+        ]
+        output = pack_sequence([out[:, 0] for out, _ in runs], enforce_sorted=False).data
+        h_n = torch.cat([h for _, (h, _) in runs], dim=1)
+        c_n = torch.cat([c for _, (_, c) in runs], dim=1)
+        layer64 = alone
     leaves = [x64, *(hx64 or ()), *layer64.parameters()]
     return (output, h_n, c_n), grads((output, h_n, c_n), leaves, seed)

@@ -12,9 +12,22 @@ import os
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import mogrifier_fast as mf
-from tests.helpers import TOLERANCE, Case, oracle_and_grad, random_cases, rel_err, run_and_grad
+from mogrifier_fast.backends import supported_features
+from tests.helpers import (
+    TOLERANCE,
+    Case,
+    features,
+    grads,
+    layer_input,
+    oracle_and_grad,
+    random_cases,
+    rel_err,
+    run_and_grad,
+)
 
 DEVICE = torch.device(os.environ.get("MOGRIFIER_TEST_DEVICE", "cpu"))
 BACKENDS = mf.available_backends(DEVICE)
@@ -55,6 +68,40 @@ FEATURE_CASES = [
         with_hx=True,
     ),
     Case({"input_size": 8, "hidden_size": 8, "rounds": 1, "rank": 8}, steps=1, batch=5),
+    # Packed batches of unsorted lengths (longest first inside), projections, both at once.
+    Case(
+        {"input_size": 3, "hidden_size": 5, "rounds": 5, "num_layers": 2, "bidirectional": True},
+        steps=5,
+        batch=4,
+        with_hx=True,
+        lengths=(3, 5, 1, 5),
+    ),
+    Case(
+        {"input_size": 4, "hidden_size": 6, "rounds": 6, "rank": 2, "batch_first": True},
+        steps=4,
+        batch=5,
+        lengths=(2, 4, 4, 1, 3),
+    ),
+    Case(
+        {
+            "input_size": 4,
+            "hidden_size": 6,
+            "proj_size": 3,
+            "rounds": 5,
+            "num_layers": 2,
+            "bidirectional": True,
+        },
+        steps=3,
+        batch=2,
+        with_hx=True,
+    ),
+    Case(
+        {"input_size": 3, "hidden_size": 5, "proj_size": 2, "rounds": 4, "share_rounds": True},
+        steps=4,
+        batch=3,
+        with_hx=True,
+        lengths=(4, 2, 3),
+    ),
 ]
 CASES = FEATURE_CASES + random_cases(24, seed=1)
 
@@ -68,18 +115,37 @@ FEW_CASES = FEATURE_CASES + CASES[len(FEATURE_CASES) :: 8]
 # cache: it runs two feature cases, low rank with an even round count and dense maps in a
 # stacked bidirectional layer, and is left out of the size, determinism and double-backward
 # checks (the step it compiles has no size-dependent code of its own; its autograd is torch's).
-COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 6)]
+COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 6, 13)]
 LIGHT_BACKENDS = [b for b in BACKENDS if b != "compile"]
 
 
 def cases_for(dtype_stride: int = 1) -> list:
-    """(backend, case) pairs for every available backend; every ``dtype_stride``-th case."""
+    """(backend, case) pairs for every available backend and every ``dtype_stride``-th case
+    whose features (packed input, projections) it supports."""
     chosen = {"compile": COMPILE_CASES, **dict.fromkeys(SLOW_BACKENDS - {"compile"}, FEW_CASES)}
     return [
         pytest.param(backend, case, id=f"{backend}-{case.name}")
         for backend in BACKENDS
         for case in chosen.get(backend, CASES)[::dtype_stride]
+        if features(case) <= supported_features(backend)
     ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unsupported_features_are_refused_clearly(backend: str) -> None:
+    """A backend without a feature refuses it: projections at construction, packed input at the
+    first forward; each error names the feature and the backends that have it."""
+    missing = mf.backends.FEATURES - supported_features(backend)
+    if not missing:
+        pytest.skip(f"backend {backend!r} supports every feature")
+    if "proj" in missing:
+        with pytest.raises(ValueError, match=r"does not support proj.*backends that do: \["):
+            mf.MogrifierLSTM(3, 4, proj_size=2, backend=backend)
+    if "packed" in missing:
+        layer = mf.MogrifierLSTM(3, 4, backend=backend).to(DEVICE)
+        packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
+        with pytest.raises(ValueError, match=r"does not support packed.*backends that do: \["):
+            layer(packed.to(DEVICE))
 
 
 def float64_refused(error: TypeError) -> bool:
@@ -105,12 +171,12 @@ def skip_if_float64_refused(backend: str) -> None:
 def check_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
     layer, x, hx = case.build(dtype=dtype, backend=backend, device=DEVICE)
     try:
-        outputs, gradients = run_and_grad(layer, x, hx)
+        outputs, gradients = run_and_grad(layer, x, hx, lengths=case.lengths)
     except TypeError as error:
         if dtype != torch.float64 or not float64_refused(error):
             raise
         pytest.skip(f"backend {backend!r} refuses float64: {error}")
-    expected_outputs, expected_gradients = oracle_and_grad(layer, x, hx)
+    expected_outputs, expected_gradients = oracle_and_grad(layer, x, hx, lengths=case.lengths)
     tolerance = TOLERANCE[dtype]
     for name, got, want in zip(("output", "h_n", "c_n"), outputs, expected_outputs, strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
@@ -209,8 +275,9 @@ def test_inference_matches_oracle(backend: str, case: Case) -> None:
 def check_inference_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
     layer, x, hx = case.build(dtype=dtype, backend=backend, device=DEVICE)
     with torch.no_grad():
-        output, (h_n, c_n) = layer(x, hx)
-    (want_output, want_h, want_c), _ = oracle_and_grad(layer, x, hx)
+        output, (h_n, c_n) = layer(layer_input(x, case.lengths, layer.batch_first), hx)
+    output = output.data if case.lengths else output
+    (want_output, want_h, want_c), _ = oracle_and_grad(layer, x, hx, lengths=case.lengths)
     for got, want in ((output, want_output), (h_n, want_h), (c_n, want_c)):
         assert rel_err(got, want) <= TOLERANCE[dtype]
 
@@ -239,3 +306,42 @@ def test_reduced_precision_no_worse_than_reference(backend: str, precision: str)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     for got, reference in zip(errors[backend], errors["reference"], strict=True):
         assert got <= max(2 * reference, 1e-3), (got, reference)
+
+
+PACKED_BACKENDS = [b for b in LIGHT_BACKENDS if "packed" in supported_features(b)]
+
+
+@pytest.mark.parametrize(
+    ("layers", "bidirectional", "proj_size", "with_hx"),
+    [(1, False, 0, False), (2, True, 0, True), (3, False, 2, True), (2, True, 3, False)],
+)
+@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+def test_packed_rounds_zero_is_nn_lstm(
+    backend: str, layers: int, bidirectional: bool, proj_size: int, with_hx: bool
+) -> None:
+    """rounds=0 with an nn.LSTM state dict (strict) on a packed batch of unsorted lengths gives
+    nn.LSTM's packed output, h_n, c_n and every gradient."""
+    skip_if_float64_refused(backend)
+    torch.manual_seed(3)
+    kwargs = {"input_size": 4, "hidden_size": 6, "num_layers": layers}
+    kwargs.update(bidirectional=bidirectional, proj_size=proj_size)
+    lstm = nn.LSTM(**kwargs, dtype=torch.float64)
+    layer = mf.MogrifierLSTM(**kwargs, rounds=0, backend=backend, dtype=torch.float64)
+    layer.load_state_dict(lstm.state_dict(), strict=True)
+    lengths = [3, 5, 1, 5, 2]
+    x = torch.randn(max(lengths), len(lengths), 4, dtype=torch.float64)
+    states = layers * (2 if bidirectional else 1)
+    widths = (proj_size or 6, 6)
+    hx = tuple(torch.randn(states, len(lengths), w, dtype=torch.float64) for w in widths)
+    results = []
+    for module in (lstm, layer):
+        x_leaf = x.clone().requires_grad_()
+        hx_leaves = tuple(t.clone().requires_grad_() for t in hx) if with_hx else None
+        packed = pack_padded_sequence(x_leaf, lengths, enforce_sorted=False)
+        output, (h_n, c_n) = module(packed, hx_leaves)
+        assert torch.equal(output.batch_sizes, packed.batch_sizes)
+        assert torch.equal(output.unsorted_indices, packed.unsorted_indices)
+        leaves = [x_leaf, *(hx_leaves or ()), *module.parameters()]
+        results.append([output.data, h_n, c_n, *grads((output.data, h_n, c_n), leaves, 5)])
+    for got, want in zip(*reversed(results), strict=True):
+        assert rel_err(got, want) <= TOLERANCE[torch.float64]

@@ -27,6 +27,7 @@ def lstm_and_mogrifier(**kwargs):
         {"input_size": 3, "hidden_size": 5},
         {"input_size": 3, "hidden_size": 5, "num_layers": 3, "bidirectional": True},
         {"input_size": 4, "hidden_size": 2, "num_layers": 2, "bias": False, "batch_first": True},
+        {"input_size": 3, "hidden_size": 5, "num_layers": 2, "bidirectional": True, "proj_size": 2},
     ],
 )
 def test_rounds_zero_is_nn_lstm(kwargs) -> None:
@@ -39,7 +40,8 @@ def test_rounds_zero_is_nn_lstm(kwargs) -> None:
     batch_dims = (4, 6) if kwargs.get("batch_first") else (6, 4)
     x = torch.randn(*batch_dims, kwargs["input_size"], dtype=torch.float64)
     states = lstm.num_layers * (2 if lstm.bidirectional else 1)
-    hx = tuple(torch.randn(states, 4, kwargs["hidden_size"], dtype=torch.float64) for _ in range(2))
+    widths = (kwargs.get("proj_size") or kwargs["hidden_size"], kwargs["hidden_size"])
+    hx = tuple(torch.randn(states, 4, w, dtype=torch.float64) for w in widths)
     for h in (None, hx):
         want_out, (want_h, want_c) = lstm(x, h)
         out, (h_n, c_n) = layer(x, h)
@@ -296,9 +298,14 @@ BAD_CONSTRUCTION = [
         r"backend: expected a str, got NoneType",
     ),
     (
-        {"input_size": 3, "hidden_size": 4, "proj_size": 2},
+        {"input_size": 3, "hidden_size": 4, "proj_size": 4},
         ValueError,
-        r"proj_size: not supported yet \(got 2\)",
+        r"proj_size: expected 0 \(no projection\) or an int in 1..hidden_size - 1 = 1..3, got 4",
+    ),
+    (
+        {"input_size": 3, "hidden_size": 4, "proj_size": 2, "rank": 3},
+        ValueError,
+        r"rank: .*1..min\(input_size, proj_size\) = 1..2, got 3",
     ),
 ]
 
@@ -323,7 +330,7 @@ def _bad_inputs():
         (
             (torch.randn(5, 2, 6),),
             ValueError,
-            r"input: expected a 3-D tensor \(T, N, input_size\) or an unbatched 2-D tensor \(T, input_size\) with input_size=3, got shape \(5, 2, 6\)",
+            r"input: expected a 3-D tensor \(T, N, input_size\), an unbatched 2-D tensor \(T, input_size\) with input_size=3, or a PackedSequence, got shape \(5, 2, 6\)",
         ),
         ((torch.randn(5, 2, 1, 3),), ValueError, r"input: .* got shape \(5, 2, 1, 3\)"),
         (
@@ -374,12 +381,6 @@ def test_batch_first_error_names_the_layout() -> None:
     layer = mf.MogrifierLSTM(3, 4, batch_first=True)
     with pytest.raises(ValueError, match=r"\(N, T, input_size\)"):
         layer(torch.randn(2, 5, 4))
-
-
-def test_packed_sequence_is_refused() -> None:
-    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 2), torch.randn(2, 2)])
-    with pytest.raises(TypeError, match="input: PackedSequence is not supported yet"):
-        mf.MogrifierLSTM(2, 3)(packed)
 
 
 def test_meta_device_mismatch_is_refused() -> None:
