@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -9,10 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
+from mogrifier_fast import MogrifierLSTM
 from mogrifier_fast.lm import data
-from mogrifier_fast.lm.model import LanguageModel
-from mogrifier_fast.lm.train import main_eval, main_sample, main_train
+from mogrifier_fast.lm.model import LanguageModel, WeightDrop, apply_weight_drop
+from mogrifier_fast.lm.train import MODEL_KEYS, build_model, main_eval, main_sample, main_train
 
 WORDS = [
     "the",
@@ -133,6 +139,162 @@ def test_model_shapes_tying_and_plain_lstm() -> None:
     assert sample.shape == (10,) and int(sample.max()) < 50
 
 
+# --------------------------------------------------------------------------- weight drop
+
+
+def unparametrized(state: dict) -> dict:
+    """A state_dict with ``parametrizations.NAME.original`` keys renamed back to ``NAME``."""
+    return {
+        k.replace("parametrizations.", "").replace(".original", ""): v for k, v in state.items()
+    }
+
+
+def fit(layer: nn.Module, steps: int = 25) -> tuple[float, float]:
+    """Adam on one fixed batch (regressing the output on a fixed target); the eval-mode loss
+    before and after."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, layer.input_size, generator=generator)
+    target = torch.randn(6, 3, layer.hidden_size, generator=generator).tanh() * 0.5
+    optimizer = torch.optim.Adam(layer.parameters(), lr=2e-2)
+
+    def loss() -> torch.Tensor:
+        return F.mse_loss(layer(x)[0], target)
+
+    layer.eval()
+    with torch.no_grad():
+        before = loss().item()
+    layer.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        return before, loss().item()
+
+
+def test_weight_drop_masks_in_training_and_is_the_identity_in_eval() -> None:
+    torch.manual_seed(0)
+    drop = WeightDrop(0.3)
+    weight = nn.Parameter(torch.randn(200, 100))
+    dropped = drop(weight)
+    kept = dropped != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.02
+    assert torch.allclose(dropped[kept], weight[kept] / 0.7)
+    assert not torch.equal(drop(weight), dropped)  # a fresh mask per evaluation
+    dropped.sum().backward()
+    assert torch.allclose(weight.grad, kept.float() / 0.7)  # zero where dropped
+    assert drop.eval()(weight) is weight
+    assert WeightDrop(0.0)(weight) is weight
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, math.nan, True, "0.3"])
+def test_weight_drop_rejects_bad_p(p) -> None:
+    with pytest.raises(ValueError, match=r"^p: expected a dropout probability in \[0, 1\), got "):
+        WeightDrop(p)
+    with pytest.raises(ValueError, match=r"^p: expected"):
+        apply_weight_drop(nn.LSTM(2, 3), p)
+    with pytest.raises(ValueError, match=r"^weight_drop: expected a probability in \[0, 1\)"):
+        LanguageModel(20, emb=4, hidden=4, weight_drop=p)
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, MogrifierLSTM])
+def test_apply_weight_drop_parametrizes_every_hidden_to_hidden_weight(kind) -> None:
+    torch.manual_seed(0)
+    layer = kind(3, 4, num_layers=2, bidirectional=True)
+    plain = kind(3, 4, num_layers=2, bidirectional=True)
+    plain.load_state_dict(layer.state_dict())
+    apply_weight_drop(layer, 0.0)
+    assert not parametrize.is_parametrized(layer)
+    apply_weight_drop(layer, 0.5)
+    names = {"weight_hh_l0", "weight_hh_l0_reverse", "weight_hh_l1", "weight_hh_l1_reverse"}
+    assert set(layer.parametrizations) == names
+    assert all(isinstance(layer.parametrizations[n][0], WeightDrop) for n in names)
+    x = torch.randn(5, 2, 3)
+    out, _ = layer(x)
+    out.sum().backward()
+    assert all(layer.parametrizations[n].original.grad.abs().sum() > 0 for n in names)
+    assert not torch.equal(out, plain(x)[0])
+    layer.eval()
+    plain.eval()
+    assert torch.equal(layer(x)[0], plain(x)[0])
+    with pytest.raises(ValueError, match=r"^rnn: expected a module with weight_hh_l\* parameters"):
+        apply_weight_drop(nn.Linear(3, 4), 0.5)
+
+
+def test_mogrifier_reads_each_weight_hh_once_per_forward() -> None:
+    """So each forward in training draws one mask per layer-direction."""
+    calls: dict[str, int] = {}
+
+    class Counting(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            calls[self.name] = calls.get(self.name, 0) + 1
+            return weight
+
+    layer = MogrifierLSTM(3, 4, num_layers=2, bidirectional=True, rounds=2)
+    names = ["weight_hh_l0", "weight_hh_l0_reverse", "weight_hh_l1", "weight_hh_l1_reverse"]
+    for name in names:
+        parametrize.register_parametrization(layer, name, Counting(name))
+    calls.clear()
+    layer(torch.randn(5, 2, 3))
+    assert calls == dict.fromkeys(names, 1)
+
+
+def test_mogrifier_with_weight_drop_trains_and_equals_a_plain_layer_in_eval() -> None:
+    torch.manual_seed(0)
+    layer = MogrifierLSTM(4, 8, rounds=2)
+    apply_weight_drop(layer, 0.3)
+    before, after = fit(layer)
+    assert after < 0.7 * before, (before, after)
+    plain = MogrifierLSTM(4, 8, rounds=2)
+    plain.load_state_dict(unparametrized(layer.state_dict()))
+    x = torch.randn(7, 2, 4)
+    out, (h, c) = layer.eval()(x)
+    expected, (h_plain, c_plain) = plain.eval()(x)
+    assert torch.equal(out, expected) and torch.equal(h, h_plain) and torch.equal(c, c_plain)
+    assert not torch.equal(layer.train()(x)[0], expected)
+
+
+def test_weight_norm_on_mogrifier_trains_and_equals_a_layer_with_its_weight() -> None:
+    torch.manual_seed(0)
+    layer = MogrifierLSTM(4, 8, rounds=2)
+    nn.utils.parametrizations.weight_norm(layer, "weight_hh_l0")
+    before, after = fit(layer)
+    assert after < 0.7 * before, (before, after)
+    plain = MogrifierLSTM(4, 8, rounds=2)
+    state = {k: v for k, v in layer.state_dict().items() if "parametrizations" not in k}
+    assert plain.load_state_dict(state, strict=False).missing_keys == ["weight_hh_l0"]
+    with torch.no_grad():
+        plain.weight_hh_l0.copy_(layer.weight_hh_l0)
+    x = torch.randn(7, 2, 4)
+    assert torch.equal(layer(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_language_model_weight_drop(rounds) -> None:
+    """Same seed, same initial weights with or without weight drop; equal in eval mode."""
+    tokens = torch.randint(30, (6, 2))
+    torch.manual_seed(0)
+    dropped = LanguageModel(30, emb=8, hidden=12, layers=2, rounds=rounds, weight_drop=0.5)
+    torch.manual_seed(0)
+    plain = LanguageModel(30, emb=8, hidden=12, layers=2, rounds=rounds)
+    state = dropped.state_dict()
+    assert {"layers.0.parametrizations.weight_hh_l0.original", "layers.1.parametrizations.weight_hh_l0.original"} <= set(state)  # fmt: skip
+    renamed, expected = unparametrized(state), plain.state_dict()
+    assert renamed.keys() == expected.keys()
+    assert all(torch.equal(renamed[k], expected[k]) for k in expected)
+    assert not torch.equal(dropped(tokens)[0], plain(tokens)[0])
+    assert torch.equal(dropped.eval()(tokens)[0], plain.eval()(tokens)[0])
+    old_config = {"emb": 8, "hidden": 12, "layers": 1, "rounds": rounds, "rank": None, "share_rounds": False, "tie": True,
+                  "dropout_input": 0.0, "dropout_layer": 0.0, "dropout_state": 0.0, "dropout_output": 0.0, "backend": "auto"}  # fmt: skip
+    assert set(old_config) == set(MODEL_KEYS) - {"weight_drop"}  # a config saved before the key
+    assert not parametrize.is_parametrized(build_model(old_config, 30).layers[0])
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -175,6 +337,23 @@ def test_resume_is_bit_identical(corpus_dir, tmp_path) -> None:
     assert (tmp_path / "straight" / "metrics.csv").read_text().count("valid") == (
         tmp_path / "split" / "metrics.csv"
     ).read_text().count("valid")
+
+
+def test_weight_drop_run_resumes_bit_identical_and_loads(corpus_dir, tmp_path, capsys) -> None:
+    drop = ["--weight-drop", "0.3", "--layers", "2"]
+    main_train(train_args(corpus_dir, tmp_path / "straight", "--max-steps", "4", *drop))
+    main_train(train_args(corpus_dir, tmp_path / "split", "--max-steps", "2", *drop))
+    main_train(train_args(corpus_dir, tmp_path / "split", "--max-steps", "4", "--resume"))
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["weight_drop"] == 0.3
+    straight, resumed = final_model(tmp_path / "straight", 4), final_model(tmp_path / "split", 4)
+    assert "layers.1.parametrizations.weight_hh_l0.original" in straight
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    capsys.readouterr()
+    main_eval([str(tmp_path / "split"), "--split", "valid"])
+    main_sample([str(tmp_path / "split"), "--prime", "the", "--length", "5"])
+    out = capsys.readouterr().out
+    assert "valid: loss" in out and out.split()[-6] == "the"
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(corpus_dir, tmp_path, capsys) -> None:
@@ -235,6 +414,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
         (["--data", "nowhere"], "--data: 'nowhere' is neither one of"),
         (["--resume"], "--resume: "),
         (["--lr", "-1"], "--lr: expected > 0, got -1.0"),
+        (["--weight-drop", "1"], "--weight-drop: expected a probability in [0, 1), got 1.0"),
     ],
 )
 def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys) -> None:

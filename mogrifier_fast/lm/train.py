@@ -60,7 +60,10 @@ MODEL_KEYS = [
     "dropout_state",
     "dropout_output",
     "backend",
+    "weight_drop",
 ]
+# Model keys added after runs were first saved, with the value that rebuilds such older runs.
+MODEL_KEY_DEFAULTS = {"weight_drop": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout-layer", type=float, default=0.0)
     p.add_argument("--dropout-state", type=float, default=0.0)
     p.add_argument("--dropout-output", type=float, default=0.0)
+    p.add_argument(
+        "--weight-drop",
+        type=float,
+        default=0.0,
+        help="DropConnect probability on each layer's hidden-to-hidden weights (AWD-LSTM's weight "
+        "drop): one mask per training segment, shared by its steps (default 0: off)",
+    )
     p.add_argument("--bptt", type=int, default=70)
     p.add_argument(
         "--batch-size",
@@ -215,6 +225,17 @@ def _check_args(args: argparse.Namespace) -> None:
             )
     if args.lr <= 0:
         raise ValueError(f"--lr: expected > 0, got {args.lr}")
+    for name in (
+        "dropout_input",
+        "dropout_layer",
+        "dropout_state",
+        "dropout_output",
+        "weight_drop",
+    ):
+        if not 0 <= getattr(args, name) < 1:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected a probability in [0, 1), got {getattr(args, name)}"
+            )
     if args.model == "lstm":
         args.rounds = 0
 
@@ -235,6 +256,8 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def build_model(config: dict, vocab_size: int) -> LanguageModel:
+    """The model a run's config describes (a key added after the run was saved: its default)."""
+    config = {**MODEL_KEY_DEFAULTS, **config}
     return LanguageModel(vocab_size, **{key: config[key] for key in MODEL_KEYS})
 
 
