@@ -100,6 +100,14 @@ NATIVE_CASES = [
     Case({"input_size": 37, "hidden_size": 50, "rounds": 5, "rank": 19}, steps=4, batch=19),
     Case({"input_size": 33, "hidden_size": 16, "rounds": 4}, steps=3, batch=8),
     Case({"input_size": 64, "hidden_size": 48, "rounds": 1}, steps=5, batch=1),
+    # A packed batch whose rows run from 1 to 6 steps: row blocks shared out by their steps.
+    Case(
+        {"input_size": 21, "hidden_size": 30, "rounds": 4, "bidirectional": True},
+        steps=6,
+        batch=17,
+        with_hx=True,
+        lengths=(6, 1, 3, 6, 2, 5, 4, 6, 1, 1, 2, 3, 6, 5, 4, 2, 6),
+    ),
 ]
 
 
@@ -110,7 +118,7 @@ PLANS = [(1, False), (2, False), (3, False), (2, True), (3, True)]
 def force_variant(monkeypatch, isa: str, packed: bool | None = None) -> None:
     monkeypatch.setattr(fused_chain, "isa", lambda: isa)
     if packed is not None:  # packed panels, or weights read in place, whatever the sizes
-        monkeypatch.setattr(fused_chain, "packs", lambda steps, rows: packed)
+        monkeypatch.setattr(fused_chain, "packs", lambda *sizes: packed)
 
 
 def force_plan(monkeypatch, threads: int, split_rows: bool) -> None:

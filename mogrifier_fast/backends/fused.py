@@ -12,7 +12,11 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
   written straight into their halves of the concatenated [x, h] row block, so the gate product
   is one GEMM; the others live in per-state buffers kept for the backward.
 * **tanh as a scaled sigmoid.** The g-gate rows of the gate weights are doubled, so one sigmoid
-  serves all four gates: tanh(g) = 2σ(2g) − 1.
+  serves all four gates: tanh(g) = 2σ(2g) − 1, and the cell is carried doubled, tanh(c) =
+  2σ(2c) − 1. The C++ loops compute both tanh values that way (one sigmoid each, cheaper than
+  tanh); that costs absolute, not relative, accuracy near zero (about 1e-7 in float32), which
+  can show where products cancel (small projected outputs). The Python loops take them from
+  tanh itself.
 * **Data gradients in the loop, weight gradients after it**: the backward chain carries only
   dh, dc and the round gradients; every weight gradient is one GEMM over all T·B rows.
 * **Two ways to run the loops, on the same buffers**: in float32 on CPU, the C++ loops of
@@ -392,9 +396,8 @@ class _Saved:
     states[s], the states u_s, s in 1..r-2, that are not gate inputs; inners[j-1], a low-rank
     round's u_{j-1} (c·B)^T (else None); xh, the gate input [x, h]; sig[j-1], σ(z_j);
     activations, [σ(i), σ(f), σ(2g), σ(o)] (R, 4H); tanh_g2 = 2 tanh(g); tanh_c; cells2, 2·c_0
-    (B rows) then 2·c of every step (R rows): the cell is carried doubled, so tanh(c) = 2σ(2c) − 1
-    costs one sigmoid, much cheaper than tanh on CPU; with a projection, unprojected, σ(o)
-    tanh(c) (R, H) (else None)."""
+    (B rows) then 2·c of every step (R rows); with a projection, unprojected, σ(o) tanh(c)
+    (R, H) (else None)."""
 
     states: dict[int, Tensor]
     inners: list[Tensor | None]
@@ -522,12 +525,13 @@ def _forward(
         for j, round_, sig_j, inner in rounds:
             sig = round_.forward(states[j - 1][t], None if inner is None else inner[t], sig_j[t])
             mul(sig, states[j - 2][t], out=states[j][t])
-        act = gates(xh[t], out=act_steps[t], sigmoid=True)
+        act = gates(xh[t], out=act_steps[t])  # pre-activations, the g gate's doubled
         gate_i, gate_f, gate_g, gate_o = act.chunk(4, 1)
-        g2 = mul(gate_g, 4, out=g2_steps[t]).sub_(2)  # 2 tanh(g) = 4σ(2g) − 2
+        g2 = mul(gate_g, 0.5, out=g2_steps[t]).tanh_().mul_(2)  # 2 tanh(g), before σ(2g)
+        act.sigmoid_()
         cell_in, cell_out = (t, t + 1) if keep else (t % 2, (t + 1) % 2)
         cell2 = mul(gate_f, cells[cell_in][:n], out=cells[cell_out][:n]).addcmul_(gate_i, g2)
-        tc = torch.sigmoid(cell2, out=tc_steps[t]).mul_(2).sub_(1)  # tanh(c') = 2σ(2c') − 1
+        tc = torch.mul(cell2, 0.5, out=tc_steps[t]).tanh_()  # tanh(c')
         mul(gate_o, tc, out=unprojected[t])
         if s.projected:
             weights.projection(unprojected[t], out=out[t])

@@ -40,17 +40,33 @@ struct Share {
 // A thread's part of the time loops. Split by columns, every thread takes all rows and a share of
 // each product's columns, with a barrier between dependent phases. Split by rows (blocks of
 // `granule`), each thread runs the whole recurrence on its own rows, which never mix: no
-// barrier at all, but every thread reads all the weights each step.
+// barrier at all, but every thread reads all the weights each step. A packed batch's rows run
+// for different numbers of steps (the first ones longest), so the blocks are shared out by
+// the steps their rows run, not by their count.
 struct Part {
   int64_t row_begin = 0, row_end = 0;
   int thread = 0, team = 1;
 
-  Part(int64_t rows, bool split_rows, int64_t granule) {
+  Part(const Call& c, int64_t granule) {
+    const int64_t rows = c.rows;
     const int id = omp_get_thread_num(), size = omp_get_num_threads();
-    if (split_rows) {
-      const Share blocks((rows + granule - 1) / granule, id, size);
-      row_begin = std::min(blocks.begin * granule, rows);
-      row_end = std::min(blocks.end * granule, rows);
+    if (c.plan.split_rows) {
+      const int64_t blocks = (rows + granule - 1) / granule;
+      // done[i]: the row-steps of blocks [0, i); this thread takes the blocks whose start lies
+      // in its share of them.
+      std::vector<int64_t> done(blocks + 1, 0);
+      for (int64_t i = 0; i < blocks; ++i) {
+        done[i + 1] = done[i];
+        for (int64_t b = i * granule; b < std::min(rows, (i + 1) * granule); ++b)
+          done[i + 1] += c.length(b);
+      }
+      const Share work(done[blocks], id, size);
+      const auto first_block = [&](int64_t w) {
+        return std::lower_bound(done.begin(), done.end() - 1, w) - done.begin();
+      };
+      row_begin = std::min(first_block(work.begin) * granule, rows);
+      row_end = std::min(first_block(work.end) * granule, rows);
+      if (id == size - 1) row_end = rows;
     } else {
       row_end = rows;
       thread = id;
@@ -551,7 +567,7 @@ struct Loops {
 
 #pragma omp parallel num_threads(threads)
     {
-      const Part part(rows, c.plan.split_rows, Tile::MR);
+      const Part part(c, Tile::MR);
       const int64_t r0 = part.row_begin;
       float* const c_rows = scratch + r0 * scratch_width;
       for (int64_t t = 0; t < steps; ++t) {
@@ -670,7 +686,7 @@ struct Loops {
 
 #pragma omp parallel num_threads(threads)
     {
-      const Part part(rows, c.plan.split_rows, Tile::MR);
+      const Part part(c, Tile::MR);
       const int64_t r0 = part.row_begin;
       float* const c_rows = scratch + r0 * scratch_width;
       const Share units = part.columns(hp);
