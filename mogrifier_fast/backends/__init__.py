@@ -154,9 +154,12 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 
 
 def plain_torch_required() -> bool:
-    """Whether the call is being traced or exported (``torch.jit.trace``, ``torch.onnx.export``),
-    where only plain torch ops can be recorded: "auto" then runs the reference."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """Whether the call is being traced or exported (``torch.jit.trace``, ``torch.onnx.export``
+    by either exporter, ``torch.export.export``), where the graph must hold plain torch ops
+    only (the C++ ops of backend "fused" cannot be lowered to ONNX, and an exported program
+    should run where this package is not loaded): "auto" then runs the reference. Not under
+    ``torch.compile``, which runs "fused" as it runs in eager."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def supported_features(name: str) -> frozenset[str]:

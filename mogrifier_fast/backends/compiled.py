@@ -14,7 +14,7 @@ import shutil
 import torch
 from torch import Tensor
 
-from mogrifier_fast.backends import Backend, quiet_torchscript_deprecation
+from mogrifier_fast.backends import Backend, plain_torch_required, quiet_torchscript_deprecation
 from mogrifier_fast.mogrify import (
     LayerParams,
     Sequence,
@@ -62,7 +62,12 @@ def run_compiled(seq: Sequence, state: State, params: LayerParams) -> tuple[Tens
     with quiet_torchscript_deprecation():
         import torch._dynamo
 
-        step, args = _compiled_step(), _with_zero_biases(params)
+        if plain_torch_required():
+            # Traced or exported: the plain step, whose ops the graph records (torch.jit.trace
+            # cannot trace a compiled function, and export would record the same ops anyway).
+            step, args = mogrifier_lstm_step, params.step_args()
+        else:
+            step, args = _compiled_step(), _with_zero_biases(params)
         h, c = state
         outputs, ended_h, ended_c = [], [], []
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):

@@ -11,12 +11,11 @@ How it runs the math of :mod:`mogrifier_fast.mogrify`:
 * **Each state written once, where it is read.** The two states that enter the gate product are
   written straight into their halves of the concatenated [x, h] row block, so the gate product
   is one GEMM; the others live in per-state buffers kept for the backward.
-* **tanh as a scaled sigmoid.** The g-gate rows of the gate weights are doubled, so one sigmoid
-  serves all four gates: tanh(g) = 2σ(2g) − 1, and the cell is carried doubled, tanh(c) =
-  2σ(2c) − 1. The C++ loops compute both tanh values that way (one sigmoid each, cheaper than
-  tanh); that costs absolute, not relative, accuracy near zero (about 1e-7 in float32), which
-  can show where products cancel (small projected outputs). The Python loops take them from
-  tanh itself.
+* **One sigmoid for four gates.** The g-gate rows of the gate weights are doubled, so one
+  sigmoid serves all four gates (σ(2g) is what the backward needs of g); tanh(g) and tanh(c)
+  themselves come from tanh (an accurate vector tanh in the C++ loops), not from
+  2σ(2v) − 1, whose error near zero is absolute (about 1e-7 in float32), not relative: that
+  showed as 1e-3 relative errors on small projected outputs. The cell is carried doubled.
 * **Data gradients in the loop, weight gradients after it**: the backward chain carries only
   dh, dc and the round gradients; every weight gradient is one GEMM over all T·B rows.
 * **Two ways to run the loops, on the same buffers**: in float32 on CPU, the C++ loops of
@@ -339,10 +338,10 @@ class _Weights:
             for j, m in enumerate(s.map_of_round, start=1)
         ]
         self.native = None
-        if fused_chain.usable(like) and not s.projected:
+        if fused_chain.usable(like):
             self.native = fused_chain.NativeCall.prepare(
                 [self.w_ih, self.w_hh, self.b_ih, self.b_hh,
-                 *(t for r in self.rounds for t in (*r.factors, r.bias))],
+                 *(t for r in self.rounds for t in (*r.factors, r.bias)), self.w_hr],
                 [*self.column_scales, *(r.scale for r in self.rounds)],
                 [len(r.factors) for r in self.rounds],
                 rows.seq,
@@ -664,19 +663,21 @@ def _backward(
     big_i = s.input_size
     grad_x = seq.data.new_empty(total, big_i)
     # The gradients of the gates' pre-activations and of each round's, side by side in one
-    # buffer, so that every bias gradient comes from one sum over the rows.
+    # buffer, so that every bias gradient comes from one sum over the rows; with a projection,
+    # the projected h's gradient (for w_hr's) after them.
     widths = [4 * s.hidden_size, *(s.size(j) for j in range(1, r + 1))]
-    pre_grads = seq.data.new_empty(total, sum(widths))
-    grad_act, *grad_z = pre_grads.split(widths, dim=-1)
+    extra = [s.state_size] if s.projected else []
+    pre_grads = seq.data.new_empty(total, sum(widths + extra))
+    grad_act, *grad_z = pre_grads.split(widths + extra, dim=-1)
+    grad_projected = grad_z.pop() if s.projected else None
     grad_act = grad_act.unflatten(-1, (4, s.hidden_size))
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
-    grad_projected = grad_output.new_empty(total, s.state_size) if s.projected else None
     x = rows.all_rows(seq.data)
     h_prev = None
     if r >= 2:
         h_prev = rows.previous(torch.cat([h0, output]), slice(0, total))
     if weights.native is not None:
-        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(h0)
+        grad_h0, grad_c0 = torch.empty_like(h0), h0.new_empty(rows.batch, s.hidden_size)
         weights.native.backward(
             (grad_output, grad_h, grad_c), seq, h0, output, saved.tensors(),
             grad_x, grad_h0, grad_c0, pre_grads, grad_inners,
@@ -690,7 +691,7 @@ def _backward(
     # Weight gradients: one product each over all R rows.
     bias_grads = [None] * (r + 1)
     if s.lstm_bias or any(s.map_bias):
-        bias_grads = pre_grads.sum(0).split(widths)
+        bias_grads = pre_grads[:, : sum(widths)].sum(0).split(widths)
     dp = grad_act.view(total, -1)
     d_gate_weight = _rows_product(dp, saved.xh, native=weights.native)
     d_gate_weight[weights.g_rows] *= 2

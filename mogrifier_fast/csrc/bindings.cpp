@@ -124,7 +124,8 @@ const float* optional_vector(const std::optional<at::Tensor>& t, const char* wha
   return t.has_value() ? rows_of(*t, what) : nullptr;
 }
 
-// One call's parameters: [w_ih, w_hh, b_ih, b_hh, then each round's factors and bias];
+// One call's parameters: [w_ih, w_hh, b_ih, b_hh, then each round's factors and bias, then
+// w_hr or None];
 // scales [x half, h half, then each round's input scale]; factors: 1 or 2 per round.
 struct Layer {
   Params params;
@@ -147,7 +148,8 @@ struct Layer {
     params.b_hh = optional_vector(at(3), "bias_hh");
     TORCH_CHECK((params.b_ih == nullptr) == (params.b_hh == nullptr),
                 "mogrifier_fast: both LSTM biases or neither");
-    params.hidden_size = params.w_hh.cols;
+    params.hidden_size = params.w_ih.rows / 4;
+    params.state_size = params.w_hh.cols;
     params.input_size = params.w_ih.cols;
     params.rounds = rounds;
     params.scale_x = static_cast<float>(scales[0]);
@@ -166,8 +168,14 @@ struct Layer {
       m.scale = static_cast<float>(scales[j + 2]);
       maps.push_back(m);
     }
+    const std::optional<at::Tensor> w_hr = at(next++);
+    if (w_hr.has_value()) params.w_hr = matrix(*w_hr, "weight_hr");
     TORCH_CHECK(next == flat.size(), "mogrifier_fast: ", flat.size(), " parameters, expected ",
                 next);
+    TORCH_CHECK(w_hr.has_value() ? params.w_hr.rows == params.state_size &&
+                                       params.w_hr.cols == params.hidden_size
+                                 : params.state_size == params.hidden_size,
+                "mogrifier_fast: weight_hh's and weight_hr's shapes disagree");
     params.maps = maps.data();
   }
 };
@@ -193,6 +201,7 @@ struct SavedBuffers {
     saved.tanh_g2 = take("tanh_g2");
     saved.tanh_c = take("tanh_c");
     saved.cells2 = take("cells2", true);
+    if (p.w_hr.data != nullptr) saved.unprojected = take("unprojected");
     TORCH_CHECK(next == tensors.size(), "mogrifier_fast: ", tensors.size(),
                 " saved buffers, expected ", next);
     saved.states = states.data();
@@ -263,16 +272,23 @@ void chain_backward(const std::string& isa, const at::Tensor& grad_output,
   int64_t offset = 4 * p.hidden_size;
   for (int64_t j = 1; j <= p.rounds; ++j) {
     grad_z.push_back(layout.seq(grad_pre, "grad_pre", offset));
-    offset += j % 2 ? p.input_size : p.hidden_size;
+    offset += j % 2 ? p.input_size : p.state_size;
     const std::optional<at::Tensor> inner = grad_inners.get(j - 1);
     grad_inner.push_back(inner.has_value() ? layout.seq(*inner, "a grad inner") : Seq{});
+  }
+  // With a projection, grad_pre ends with the projected h's gradient (P wide).
+  Seq grad_projected;
+  if (p.w_hr.data != nullptr) {
+    grad_projected = layout.seq(grad_pre, "grad_pre", offset);
+    offset += p.state_size;
   }
   TORCH_CHECK(grad_pre.size(-1) == offset, "mogrifier_fast: grad_pre is ", grad_pre.size(-1),
               " wide, expected ", offset);
   kernels.backward({c.call, layout.seq(grad_output, "grad_output"), rows_of(grad_h, "grad_h"),
                     rows_of(grad_c, "grad_c"), layout.seq(grad_x, "grad_x"),
                     rows_of(grad_h0, "grad_h0"), rows_of(grad_c0, "grad_c0"),
-                    layout.seq(grad_pre, "grad_pre"), grad_z.data(), grad_inner.data()});
+                    layout.seq(grad_pre, "grad_pre"), grad_z.data(), grad_inner.data(),
+                    grad_projected});
 }
 
 at::Tensor rows_product(const std::string& isa, const at::Tensor& a, const at::Tensor& b,

@@ -46,10 +46,12 @@ struct RoundMap {
 };
 
 // One layer-direction's parameters as stored, with the powers of two the gate product's
-// x and h halves carry.
+// x and h halves carry. The hidden state is P = state_size wide: H, or with a projection
+// w_hr (P, H) (nn.LSTM's proj_size) h = (σ(o) tanh(c)) w_hr^T.
 struct Params {
-  int64_t input_size = 0, hidden_size = 0, rounds = 0;
-  Matrix w_ih, w_hh;                                // (4H, I), (4H, H)
+  int64_t input_size = 0, hidden_size = 0, state_size = 0, rounds = 0;
+  Matrix w_ih, w_hh;                                // (4H, I), (4H, P)
+  Matrix w_hr;                                      // (P, H), or data null
   const float* b_ih = nullptr;                      // (4H) or null
   const float* b_hh = nullptr;                      // (4H) or null
   float scale_x = 1.0f, scale_h = 1.0f;
@@ -58,12 +60,14 @@ struct Params {
 
 // What the forward keeps for the backward (fused.py's _Saved), each (T, B, .), or one block
 // each (cells2: two, used in turn) under inference. states[s - 1] holds u_s, 1 <= s <= r - 2;
-// inners[j - 1], a low-rank round's inner value (base null when dense); sig[j - 1] = σ(z_j).
+// inners[j - 1], a low-rank round's inner value (base null when dense); sig[j - 1] = σ(z_j);
+// unprojected, σ(o) tanh(c) before the projection (base null without one).
 struct Saved {
   Seq xh, act, tanh_g2, tanh_c, cells2;
   const Seq* states = nullptr;
   const Seq* inners = nullptr;
   const Seq* sig = nullptr;
+  Seq unprojected;
 };
 
 // How the loops run: threads in the team, each running its own batch rows (split_rows) or a
@@ -114,6 +118,7 @@ struct BackwardArgs {
   Seq grad_act;                   // (T, B, 4H)
   const Seq* grad_z;              // per round (T, B, width of u_j)
   const Seq* grad_inners;         // per round (T, B, k), base null when dense
+  Seq grad_projected;             // (T, B, P): dh of the projected h; base null without one
 };
 
 // c (m, ldc >= n rounded up to whole vectors) = scale · a^T b over R rows: a (R, m), b (R, n),

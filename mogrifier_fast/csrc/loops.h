@@ -159,6 +159,17 @@ struct Loops {
     return p * scale;
   }
   static vec sigmoid_v(vec x) { return 1.0f / (1.0f + exp_v(-x)); }
+  // tanh to float32's relative accuracy: an odd polynomial near zero (the minimax fit of the
+  // classic single-precision tanh for |x| < 0.625), 2σ(2x) − 1 beyond, where that identity's
+  // absolute error (about 1e-7) is also relative (|tanh x| > 0.55).
+  static vec tanh_v(vec x) {
+    const vec z = x * x;
+    const vec poly = (((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                      1.33314422036e-1f) * z - 3.33332819422e-1f;
+    const vec near_zero = x + x * z * poly;
+    const vec far = sigmoid_v(2.0f * x) * 2.0f - 1.0f;
+    return z < 0.390625f ? near_zero : far;  // |x| < 0.625
+  }
 
   // ---- the register tile --------------------------------------------------------------------
 
@@ -406,17 +417,17 @@ struct Loops {
 
   // ---- the layer's products -----------------------------------------------------------------
 
-  // The four gates' pre-activations from [x, h] (K = I + H), one block per gate; the g gate's
+  // The four gates' pre-activations from [x, h] (K = I + P), one block per gate; the g gate's
   // doubled (tanh(g) = 2σ(2g) − 1).
   static Product gates_forward(const Params& p) {
-    const int64_t I = p.input_size, H = p.hidden_size;
+    const int64_t I = p.input_size, H = p.hidden_size, P = p.state_size;
     Product product;
-    product.K = I + H;
+    product.K = I + P;
     for (int64_t g = 0; g < 4; ++g) {
       const float gate = g == 2 ? 2.0f : 1.0f;
       const Matrix &x = p.w_ih, &h = p.w_hh;
       product.add_block(H, {{0, I, x.data + g * H * x.ld, x.ld, gate * p.scale_x, true},
-                            {I, I + H, h.data + g * H * h.ld, h.ld, gate * p.scale_h, true}});
+                            {I, I + P, h.data + g * H * h.ld, h.ld, gate * p.scale_h, true}});
     }
     return product;
   }
@@ -432,8 +443,16 @@ struct Loops {
       for (int64_t g = 0; g < 4; ++g)
         terms.push_back({g * H, (g + 1) * H, w.data + g * H * w.ld, w.ld,
                          (g == 2 ? 2.0f : 1.0f) * scale, false});
-      product.add_block(half == 0 ? I : H, std::move(terms));
+      product.add_block(half == 0 ? I : p.state_size, std::move(terms));
     }
+    return product;
+  }
+  // A parameter f (out, in) as a product: forward v -> scale · v f^T, backward d -> scale · d f.
+  static Product matrix_product(const Matrix& f, float scale, bool backward) {
+    Product product;
+    product.K = backward ? f.rows : f.cols;
+    product.add_block(backward ? f.cols : f.rows,
+                      {{0, product.K, f.data, f.ld, scale, !backward}});
     return product;
   }
   // Round j's products, in the order they run: forward u -> u (cW)^T, or u (cB)^T then · A^T;
@@ -441,11 +460,7 @@ struct Loops {
   static std::vector<Product> round_products(const RoundMap& m, bool backward) {
     std::vector<Product> products;
     auto add = [&](const Matrix& f, float scale) {
-      Product product;
-      product.K = backward ? f.rows : f.cols;
-      product.add_block(backward ? f.cols : f.rows,
-                        {{0, product.K, f.data, f.ld, scale, !backward}});
-      products.push_back(std::move(product));
+      products.push_back(matrix_product(f, scale, backward));
     };
     if (m.factors == 1) {
       add(m.factor[0], m.scale);
@@ -463,6 +478,7 @@ struct Loops {
   struct LayerProducts {
     std::vector<std::vector<Product>> rounds;
     Product gates;
+    std::unique_ptr<Product> projection;  // h' = v w_hr^T (backward dh w_hr); null without
     int64_t scratch_width;
 
     LayerProducts(const Call& c, bool backward)
@@ -470,11 +486,15 @@ struct Loops {
       const Params& p = *c.params;
       const Plan& plan = c.plan;
       for (int64_t j = 0; j < p.rounds; ++j) rounds.push_back(round_products(p.maps[j], backward));
+      if (p.w_hr.data != nullptr)
+        projection = std::make_unique<Product>(matrix_product(p.w_hr, 1.0f, backward));
       scratch_width = gates.padded_width();
+      if (projection) scratch_width = std::max(scratch_width, projection->padded_width());
       for (auto& m : rounds)
         for (auto& product : m) scratch_width = std::max(scratch_width, product.padded_width());
       if (!plan.packed) return;
       gates.pack(team_size(plan.threads));
+      if (projection) projection->pack(team_size(plan.threads));
       for (auto& m : rounds)
         for (auto& product : m) product.pack(team_size(plan.threads));
     }
@@ -484,18 +504,18 @@ struct Loops {
 
   // The states u_s, s = -1 (the input) .. r, of every step, where fused.py keeps them.
   struct States {
-    int64_t rounds, input_size, hidden_size, x_final, h_final;
+    int64_t rounds, input_size, state_size, x_final, h_final;
     Seq x, output, xh, h0;
     const Seq* kept;
 
     explicit States(const Call& c)
         : rounds(c.params->rounds), input_size(c.params->input_size),
-          hidden_size(c.params->hidden_size), x(c.x), output(c.output), xh(c.saved.xh),
-          h0{const_cast<float*>(c.h0), 0, c.params->hidden_size}, kept(c.saved.states) {
+          state_size(c.params->state_size), x(c.x), output(c.output), xh(c.saved.xh),
+          h0{const_cast<float*>(c.h0), 0, c.params->state_size}, kept(c.saved.states) {
       x_final = rounds % 2 ? rounds : rounds - 1;
       h_final = rounds % 2 ? rounds - 1 : rounds;
     }
-    int64_t width(int64_t s) const { return s % 2 ? input_size : hidden_size; }
+    int64_t width(int64_t s) const { return s % 2 ? input_size : state_size; }
     // State s at step t: its first row, and the distance between its rows.
     struct Rows {
       float* first;
@@ -539,10 +559,11 @@ struct Loops {
     const Call& c = f.call;
     const Params& p = *c.params;
     const int64_t steps = c.steps, rows = c.rows, I = p.input_size, H = p.hidden_size;
-    const int64_t rounds = p.rounds;
+    const int64_t P = p.state_size, rounds = p.rounds;
     const int threads = team_size(c.plan.threads);
     const States state(c);
     const LayerProducts products(c, false);
+    const Product* projection = products.projection.get();
     const auto& maps = products.rounds;
     const Product& gates = products.gates;
     // The gates' bias, folded: b_ih + b_hh, the g gate's doubled.
@@ -563,7 +584,7 @@ struct Loops {
       for (int64_t u = 0; u < H; ++u) cells.at(0, b)[u] = 2.0f * f.c0[b * H + u];
     if (state.h_final == 0)  // later steps: copied in the loop
       for (int64_t b = 0; b < rows; ++b)
-        std::memcpy(state.xh.at(0, b) + I, c.h0 + b * H, H * sizeof(float));
+        std::memcpy(state.xh.at(0, b) + I, c.h0 + b * P, P * sizeof(float));
 
 #pragma omp parallel num_threads(threads)
     {
@@ -579,7 +600,7 @@ struct Loops {
             if (state.x_final == -1)
               std::memcpy(state.xh.at(t, b), state.x.at(t, b), I * sizeof(float));
             if (state.h_final == 0 && t > 0)
-              std::memcpy(state.xh.at(t, b) + I, state.output.at(t - 1, b), H * sizeof(float));
+              std::memcpy(state.xh.at(t, b) + I, state.output.at(t - 1, b), P * sizeof(float));
           }
           part.sync();
         }
@@ -620,26 +641,41 @@ struct Loops {
         for (int64_t b = r0; b < r1; ++b) {
           const float* pre = scratch + b * scratch_width;
           float* a_out = act_s.at(t, b);
+          float* h_out = projection ? c.saved.unprojected.at(t, b) : state.output.at(t, b);
           for (int64_t u = share.begin * L; u < u1; u += L) {
             const int64_t n = std::min(L, u1 - u);
-            vec a[4];
+            vec a[4], z_g;
             for (int64_t g = 0; g < 4; ++g) {
               vec z = load(pre + g * hp * L + u);
               if (gate_b) z += load(gate_b + g * H + u, n);
+              if (g == 2) z_g = z;  // 2g: the g rows are doubled
               a[g] = sigmoid_v(z);
               store(a_out + g * H + u, a[g], n);
             }
-            const vec g2 = a[2] * 4.0f - 2.0f;  // 2 tanh(g)
+            // tanh itself, not 2σ(2v) − 1 from the sigmoids: that identity is exact only in
+            // absolute terms, and small outputs (a projection's, say) need relative accuracy.
+            const vec g2 = tanh_v(z_g * 0.5f) * 2.0f;  // 2 tanh(g)
             const vec cell2 = a[1] * load(cells.at(cell_in, b) + u, n) + a[0] * g2;  // 2 c'
-            const vec tc = sigmoid_v(cell2) * 2.0f - 1.0f;  // tanh(c')
+            const vec tc = tanh_v(cell2 * 0.5f);  // tanh(c')
             const vec h = a[3] * tc;
             store(g2_s.at(t, b) + u, g2, n);
             store(cells.at(cell_out, b) + u, cell2, n);
             store(tc_s.at(t, b) + u, tc, n);
-            store(state.output.at(t, b) + u, h, n);
+            store(h_out + u, h, n);
           }
         }
         part.sync();
+        if (projection) {  // h = (σ(o) tanh(c)) w_hr^T: this thread's columns of it
+          const Share columns = part.columns(projection->panels());
+          projection->run(c.saved.unprojected.at(t, r0), c.saved.unprojected.row, own,
+                          columns.begin, columns.end, c_rows, scratch_width, false);
+          const int64_t c1 = std::min(columns.end * L, P);
+          for (int64_t b = r0; b < r1; ++b)
+            for (int64_t col = columns.begin * L; col < c1; col += L)
+              store(state.output.at(t, b) + col, load(scratch + b * scratch_width + col),
+                    std::min(L, c1 - col));
+          part.sync();
+        }
       }
     }
     for (int64_t b = 0; b < rows; ++b) {  // the cell each sequence's last step wrote
@@ -657,10 +693,11 @@ struct Loops {
     const Call& c = g.call;
     const Params& p = *c.params;
     const int64_t steps = c.steps, rows = c.rows, I = p.input_size, H = p.hidden_size;
-    const int64_t rounds = p.rounds;
+    const int64_t P = p.state_size, rounds = p.rounds;
     const int threads = team_size(c.plan.threads);
     const States state(c);
     const LayerProducts products(c, true);
+    const Product* projection = products.projection.get();
     const auto& maps = products.rounds;
     const Product& gates = products.gates;
     const int64_t ip = round_up(I);
@@ -682,7 +719,7 @@ struct Loops {
     std::vector<float> scratch_buffer(rows * scratch_width);
     float* const scratch = scratch_buffer.data();
     const int64_t hp = round_up(H) / L;
-    const int64_t h_width = round_up(H);
+    const int64_t h_width = round_up(P);
 
 #pragma omp parallel num_threads(threads)
     {
@@ -695,15 +732,35 @@ struct Loops {
         const int64_t active = c.active(t), r1 = part.end(active), own = part.rows(active);
         // Rows below next_active run step t + 1 too; the others end at step t, their dh is h_n's.
         const int64_t next_active = t + 1 < steps ? c.active(t + 1) : 0;
+        auto dh_next = [&](int64_t b) -> const float* {
+          return b >= next_active ? g.grad_h + b * P : grad_state[0] + b * h_width;
+        };
+        if (projection) {  // dh of the projected h (kept for w_hr's gradient), then dh w_hr
+          const Share columns = part.columns(h_width / L);
+          const int64_t c1 = std::min(columns.end * L, P);
+          for (int64_t b = r0; b < r1; ++b)
+            for (int64_t col = columns.begin * L; col < c1; col += L) {
+              const int64_t n = std::min(L, c1 - col);
+              store(g.grad_projected.at(t, b) + col,
+                    load(go.at(t, b) + col, n) + load(dh_next(b) + col, n), n);
+            }
+          part.sync();
+          const Share panels = part.columns(projection->panels());
+          projection->run(g.grad_projected.at(t, r0), g.grad_projected.row, own, panels.begin,
+                          panels.end, c_rows, scratch_width, false);
+          part.sync();
+        }
         // Through the cell and the gates' sigmoids: this thread's hidden units.
         for (int64_t b = r0; b < r1; ++b) {
-          const float* dh_next = b >= next_active ? g.grad_h + b * H : grad_state[0] + b * h_width;
+          const float* dh_in = dh_next(b);
+          const float* dh_projected = scratch + b * scratch_width;
           const float* a_in = act_s.at(t, b);
           float* d_pre = dact.at(t, b);
           float* dc2_b = dc2.data() + b * H;
           for (int64_t u = units.begin * L; u < u1; u += L) {
             const int64_t n = std::min(L, u1 - u);
-            const vec dh = load(go.at(t, b) + u, n) + load(dh_next + u, n);
+            const vec dh = projection ? load(dh_projected + u, n)
+                                      : load(go.at(t, b) + u, n) + load(dh_in + u, n);
             const vec ai = load(a_in + u, n), af = load(a_in + H + u, n),
                       ag = load(a_in + 2 * H + u, n), ao = load(a_in + 3 * H + u, n);
             const vec tc = load(tc_s.at(t, b) + u, n);
@@ -723,7 +780,7 @@ struct Loops {
           for (int64_t b = r0; b < r1; ++b)
             for (int64_t c = share.begin * L; c < share.end * L; c += L) {
               const bool x_half = c < ip;
-              const int64_t col = x_half ? c : c - ip, width = x_half ? I : H;
+              const int64_t col = x_half ? c : c - ip, width = x_half ? I : P;
               if (col >= width) continue;
               float* dst = grad_of(x_half ? state.x_final : state.h_final, t, b);
               store(dst + col, load(scratch + b * scratch_width + c), std::min(L, width - col));
@@ -765,11 +822,10 @@ struct Loops {
         }
       }
     }
-    for (int64_t b = 0; b < rows; ++b)
-      for (int64_t u = 0; u < H; ++u) {
-        g.grad_h0[b * H + u] = grad_state[0][b * h_width + u];
-        g.grad_c0[b * H + u] = dc2[b * H + u] * 2.0f;
-      }
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t u = 0; u < P; ++u) g.grad_h0[b * P + u] = grad_state[0][b * h_width + u];
+      for (int64_t u = 0; u < H; ++u) g.grad_c0[b * H + u] = dc2[b * H + u] * 2.0f;
+    }
   }
 
   // ---- weight gradients ---------------------------------------------------------------------

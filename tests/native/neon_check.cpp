@@ -348,6 +348,7 @@ struct Layer {
     const int64_t r = c.rounds, I = c.I, H = c.H;
     params.input_size = I;
     params.hidden_size = H;
+    params.state_size = H;
     params.rounds = r;
     params.w_ih = matrix(4 * H, I);
     params.w_hh = matrix(4 * H, H);
