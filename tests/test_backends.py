@@ -308,14 +308,24 @@ def test_reduced_precision_no_worse_than_reference(backend: str, precision: str)
         assert got <= max(2 * reference, 1e-3), (got, reference)
 
 
-PACKED_BACKENDS = [b for b in LIGHT_BACKENDS if "packed" in supported_features(b)]
+PACKED_CONFIGS = [
+    pytest.param(backend, *config, id=f"{backend}-{'-'.join(map(str, config))}")
+    for backend in LIGHT_BACKENDS
+    if "packed" in supported_features(backend)
+    # (layers, bidirectional, proj_size, with_hx)
+    for config in [
+        (1, False, 0, False),
+        (2, True, 0, True),
+        (3, False, 2, True),
+        (2, True, 3, False),
+    ]
+    if not config[2] or "proj" in supported_features(backend)
+]
 
 
 @pytest.mark.parametrize(
-    ("layers", "bidirectional", "proj_size", "with_hx"),
-    [(1, False, 0, False), (2, True, 0, True), (3, False, 2, True), (2, True, 3, False)],
+    ("backend", "layers", "bidirectional", "proj_size", "with_hx"), PACKED_CONFIGS
 )
-@pytest.mark.parametrize("backend", PACKED_BACKENDS)
 def test_packed_rounds_zero_is_nn_lstm(
     backend: str, layers: int, bidirectional: bool, proj_size: int, with_hx: bool
 ) -> None:

@@ -36,23 +36,25 @@ class _MogrifyStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, *map_tensors):
         maps = StackedMaps(*map_tensors)
-        buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, 1, x.shape[0], x.shape[1], h.shape[1], x)  # fmt: skip
-        buffers.xs[0, 0].copy_(x)
-        buffers.hs[0, 0].copy_(h)
-        mogrify_forward(maps, buffers, 0)
+        rows = x.shape[0]
+        buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, rows, x.shape[1], h.shape[1], x)
+        buffers.xs[0].copy_(x)
+        buffers.hs[0].copy_(h)
+        mogrify_forward(maps, buffers, slice(0, rows))
         ctx.present, present_maps = maps.saved()
         ctx.save_for_backward(*buffers, *present_maps)
-        return buffers.xs[-1, 0].clone(), buffers.hs[-1, 0].clone()
+        return buffers.xs[-1].clone(), buffers.hs[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_x: Tensor, grad_h: Tensor):
         refuse_double_backward("cudnn")
         buffers = MogrifyBuffers(*ctx.saved_tensors[:5])
         maps = StackedMaps.restore(ctx.present, ctx.saved_tensors[5:])
-        grad_xs, grad_hs, dz_x, dz_h, dinner = buffers.gradient_buffers()
+        rows = grad_x.shape[0]
+        grad_xs, grad_hs, dz_x, dz_h, dinner = buffers.gradient_buffers(rows)
         grad_xs[-1].copy_(grad_x)
         grad_hs[-1].copy_(grad_h)
-        mogrify_backward(maps, buffers, 0, grad_xs, grad_hs, dz_x, dz_h, dinner)
+        mogrify_backward(maps, buffers, slice(0, rows), grad_xs, grad_hs, dz_x, dz_h, dinner)
         return grad_xs[0], grad_hs[0], *stacked_map_grads(maps, buffers, dz_x, dz_h, dinner)
 
 

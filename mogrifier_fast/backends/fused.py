@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from mogrifier_fast.backends import Backend, fused_chain, needs_backward, refuse_double_backward
+from mogrifier_fast.backends.layout import StepRows
 from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
@@ -188,66 +189,6 @@ def _unflatten(
     return lstm, maps, flat[-1]
 
 
-class _Rows:
-    """Where a call's rows lie over time: step t's B_t rows (a prefix of the batch's B) are
-    rows ``offsets[t]`` onwards of an (R, ·) buffer, R = sum of B_t; padded input is the case
-    B_t = B. The input and output keep their own layout ((T, B, ·) or packed rows)."""
-
-    def __init__(self, seq: Sequence) -> None:
-        self.seq = seq
-        self.batch, self.steps = seq.batch, seq.steps
-        self.sizes = seq.batch_sizes or (self.batch,) * self.steps
-        self.total = sum(self.sizes)
-
-    def per_step(self, buffer: Tensor) -> list[Tensor]:
-        """An (R, ·) buffer's view for each step, (B_t, ·)."""
-        return list(buffer.split(self.sizes))
-
-    def span(self, begin: int, end: int) -> slice:
-        """The rows of steps [begin, end)."""
-        return slice(sum(self.sizes[:begin]), sum(self.sizes[:end]))
-
-    def laid_out(self, rows: Tensor) -> Tensor:
-        """An (R, ·) result in the input's layout: (T, B, ·) when padded."""
-        return rows if self.seq.packed else rows.view(self.steps, self.batch, -1)
-
-    def all_rows(self, t: Tensor) -> Tensor:
-        """A tensor in the input's layout as (R, ·)."""
-        return t if self.seq.packed else t.reshape(self.total, -1)
-
-    @functools.cached_property
-    def lengths(self) -> Tensor:
-        """Each sequence's length (B,)."""
-        sizes = torch.tensor(self.sizes)
-        return (sizes[None, :] > torch.arange(self.batch)[:, None]).sum(1)
-
-    @functools.cached_property
-    def offsets(self) -> Tensor:
-        sizes = torch.tensor(self.sizes)
-        return sizes.cumsum(0) - sizes
-
-    @functools.cached_property
-    def last_rows(self) -> Tensor:
-        """Each sequence's row at its own last step (B,)."""
-        return self.offsets[self.lengths - 1] + torch.arange(self.batch)
-
-    @functools.cached_property
-    def previous_rows(self) -> Tensor:
-        """For each row, its previous step's row in [h_0 (B rows); output (R rows)] (R,)."""
-        step = torch.arange(self.steps).repeat_interleave(torch.tensor(self.sizes))
-        row = torch.arange(self.total) - self.offsets[step]
-        previous = self.batch + self.offsets[(step - 1).clamp(min=0)] + row
-        return torch.where(step == 0, row, previous)
-
-    def previous(self, stacked: Tensor, span: slice) -> Tensor:
-        """Rows ``span`` of a per-row value taken from the step before, for ``stacked`` =
-        [the value at the start (B rows); each step's (R rows)]: padded, row i is row i there;
-        packed, a gather."""
-        if not self.seq.packed:
-            return stacked[span]
-        return stacked.index_select(0, self.previous_rows[span].to(stacked.device))
-
-
 class _Round:
     """Round j's map: z = u_{j-1} (c·W)^T + b with c = 2^{d_{j-1}}, dense or low rank (W = A B,
     run as two thin products through an inner (B, k) value kept per step for the weight
@@ -326,7 +267,7 @@ class _Weights:
     made on first use: gate weights with the final states' scales folded into their columns
     and the g rows doubled (tanh(g) = 2σ(2g) − 1), as one (4H, I+P) matrix for [x, h]."""
 
-    def __init__(self, structure: _Structure, flat: tuple, rows: _Rows, like: Tensor) -> None:
+    def __init__(self, structure: _Structure, flat: tuple, rows: StepRows, like: Tensor) -> None:
         s, big_h = structure, structure.hidden_size
         (self.w_ih, self.w_hh, self.b_ih, self.b_hh), maps, self.w_hr = _unflatten(s, flat)
         x_final, h_final = s.final_states()
@@ -389,7 +330,7 @@ class _Weights:
 @dataclass
 class _Saved:
     """What the forward keeps for the backward, each over time as an (R, ·) buffer: step t's
-    rows from :class:`_Rows` ``offsets[t]`` (under no_grad one (B, ·) block serves every step,
+    rows from :class:`StepRows` ``offsets[t]`` (under no_grad one (B, ·) block serves every step,
     and cells2 has two used in turn).
 
     states[s], the states u_s, s in 1..r-2, that are not gate inputs; inners[j-1], a low-rank
@@ -410,7 +351,7 @@ class _Saved:
 
     @classmethod
     def empty(
-        cls, s: _Structure, ranks: list[int | None], rows: _Rows, like: Tensor, keep: bool
+        cls, s: _Structure, ranks: list[int | None], rows: StepRows, like: Tensor, keep: bool
     ) -> _Saved:
         """Buffers for a call on ``rows``; every step kept, or one block for all."""
         kept, big_h = rows.total if keep else rows.batch, s.hidden_size
@@ -464,7 +405,7 @@ class _Saved:
 def _forward(
     structure: _Structure,
     seq: Sequence,
-    rows: _Rows,
+    rows: StepRows,
     state: State,
     weights: _Weights,
     keep: bool = True,
@@ -547,7 +488,7 @@ def _forward(
 def _backward_chain(
     s: _Structure,
     weights: _Weights,
-    rows: _Rows,
+    rows: StepRows,
     x: Tensor,
     h_prev: Tensor | None,
     saved: _Saved,
@@ -648,7 +589,7 @@ def _backward_chain(
 def _backward(
     structure: _Structure,
     weights: _Weights,
-    rows: _Rows,
+    rows: StepRows,
     seq: Sequence,
     h0: Tensor,
     output: Tensor,
@@ -730,7 +671,7 @@ def _backward(
 
 class _FusedSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, structure: _Structure, rows: _Rows, x: Tensor, h0: Tensor, c0: Tensor,
+    def forward(ctx, structure: _Structure, rows: StepRows, x: Tensor, h0: Tensor, c0: Tensor,
                 *flat: Tensor | None):  # fmt: skip
         seq = Sequence(x, rows.seq.batch_sizes)
         weights = _Weights(structure, flat, rows, x)
@@ -764,7 +705,7 @@ def run_fused(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor,
     # Rows may be strided (batch_first), elements not (the C++ loops read whole rows).
     x = seq.data if seq.data.stride(-1) == 1 else seq.data.contiguous()
     h0, c0 = state.h.contiguous(), state.c.contiguous()
-    rows = _Rows(Sequence(x, seq.batch_sizes))
+    rows = StepRows(Sequence(x, seq.batch_sizes))
     if needs_backward(x, h0, c0, *flat):
         output, h, c = _FusedSequence.apply(structure, rows, x, h0, c0, *flat)
         return output, State(h, c)

@@ -301,3 +301,65 @@ class NativeCall:
             return None
         threads = threads_for(a.shape[0] * a.shape[1] * b.shape[1])
         return torch.ops.mogrifier_fast.rows_product(self.isa, a, b, scale, threads)
+
+
+# -------------------------------------------------------------------------------------------------
+# torch.compile and torch.export support: fake kernels, and torch.compile's import made quiet.
+# -------------------------------------------------------------------------------------------------
+#
+# Tracing with fake tensors (torch.compile, torch.export, FakeTensorMode) runs an op's fake
+# kernel, which computes only the metadata of its results. chain_forward and chain_backward
+# return nothing and annotate every tensor they write (Tensor(a!)), so torch derives their fake
+# kernels itself; rows_product returns a new tensor and needs one. Fake kernels can be registered
+# only once the ops exist, that is once build() has loaded the C++ module: build is wrapped
+# below to register them right after.
+
+# Floats per vector of each variant's loops (``Kernels::vector_width``, the ``VL`` of each
+# ``isa_*.cpp``): rows_product pads its result's rows to a multiple of it.
+VECTOR_WIDTHS = {"avx512": 16, "avx2": 8, "neon": 4, "generic": 4}
+
+
+def _fake_rows_product(isa: str, a: Tensor, b: Tensor, scale: float, threads: int) -> Tensor:
+    """rows_product's result as the C++ op lays it out: (m, n) columns of an (m, width) block,
+    width = n rounded up to the variant's vector width."""
+    n, vector = b.shape[1], VECTOR_WIDTHS.get(isa, 1)
+    width = (n + vector - 1) // vector * vector
+    return a.new_empty(a.shape[1], width).narrow(1, 0, n)
+
+
+_fakes_registered = False
+
+
+def register_fake_kernels() -> None:
+    """Register the ops' fake kernels (once; the C++ module must be loaded)."""
+    global _fakes_registered
+    if not _fakes_registered:
+        torch.library.register_fake("mogrifier_fast::rows_product", _fake_rows_product)
+        _fakes_registered = True
+
+
+_load_loops = build
+
+
+def build() -> float | None:
+    """Build (or load the cached build of) the C++ loops, then register the ops' fake kernels;
+    the seconds a build took, or None when a cached one was loaded. Raises what the build
+    raises."""
+    seconds = _load_loops()
+    register_fake_kernels()
+    return seconds
+
+
+# The first torch.compile in a process imports torch.utils.mkldnn, whose TorchScript classes
+# warn (torch >= 2.11) that `torch.jit.script_method` is deprecated, whatever the model: that
+# warning is torch's own, not this package's, but it surfaced as a warning of compiling a model
+# that holds these layers. The module is imported here, once and quietly (about 10 ms), so that
+# torch.compile of such a model warns of nothing.
+def _import_torch_mkldnn_quietly() -> None:
+    from mogrifier_fast.backends import quiet_torchscript_deprecation
+
+    with quiet_torchscript_deprecation():
+        import torch.utils.mkldnn  # noqa: F401
+
+
+_import_torch_mkldnn_quietly()

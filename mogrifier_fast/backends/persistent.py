@@ -4,7 +4,7 @@ See :mod:`mogrifier_fast.kernels.persistent` for the kernels; the autograd funct
 weight-gradient products are the step-by-step backend's (:mod:`.triton_steps`). A layer whose
 weights exceed ``MAX_WEIGHT_BYTES`` (they are re-read from cache every step, so they should fit
 in the GPU's L2) runs step by step instead, said once per layer shape in the ``mogrifier_fast``
-log. On a CUDA device calls are replayed from CUDA graphs like the other Triton backends.
+log; so does a packed batch (the single launch runs every row at every step). On a CUDA device calls are replayed from CUDA graphs like the other Triton backends.
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ def run_persistent(seq: Sequence, state: State, params: LayerParams) -> tuple[Te
                 size / 2**20, MAX_WEIGHT_BYTES / 2**20,
             )  # fmt: skip
         return run_sequence(seq, state, params)
-    return run_sequence(seq, state, params, persistent=True)
+    return run_sequence(seq, state, params, persistent=not seq.packed)
 
 
 BACKEND = Backend(
     name="persistent",
     run=graphed("persistent", run_persistent),
     unavailable_reason=lambda device: kernel_unavailable_reason(_persistent_forward_kernel, device),
-    supports=frozenset(),
+    supports=frozenset({"packed"}),
 )

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mogrifier_fast.backends import Backend, needs_backward, refuse_double_backward
 from mogrifier_fast.backends.cuda_graphs import graphed
+from mogrifier_fast.backends.layout import StepRows
 from mogrifier_fast.kernels import check_dtype, kernel_unavailable_reason
 from mogrifier_fast.kernels.lstm import _lstm_forward_kernel, lstm_backward, lstm_forward
 from mogrifier_fast.kernels.mogrify import (
@@ -30,35 +31,44 @@ from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 
 def _forward(
-    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
-    maps: StackedMaps, persistent: bool,
+    rows: StepRows, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    bias: Tensor | None, maps: StackedMaps, persistent: bool,
 ) -> tuple[Tensor, Tensor, Tensor, MogrifyBuffers]:  # fmt: skip
-    """x: (T, B, I), h0, c0: (B, H) -> output (T, B, H), cells (T+1, B, H) = c_0..c_T,
-    gate pre-activations (T, B, 4H), and the rounds' buffers; step by step, or in one
-    ``persistent`` launch."""
-    steps, rows, _ = x.shape
-    big_h = h0.shape[1]
-    buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, steps, rows, x.shape[2], big_h, x)
+    """x: (R, I) (every step's rows), h0, c0: (B, H) -> output (R, H), cells (B + R, H) = c_0
+    then every step's c, gate pre-activations (R, 4H), and the rounds' buffers; step by step,
+    or (padded batches) in one ``persistent`` launch."""
+    batch, big_h = h0.shape
+    buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, rows.total, x.shape[1], big_h, x)
     buffers.xs[0].copy_(x)
-    buffers.hs[0, 0].copy_(h0)
-    gates = x.new_empty(steps, rows, 4 * big_h)
-    cells = x.new_empty(steps + 1, rows, big_h)
-    cells[0].copy_(c0)
-    output = x.new_empty(steps, rows, big_h)
+    buffers.hs[0, :batch].copy_(h0)
+    gates = x.new_empty(rows.total, 4 * big_h)
+    cells = x.new_empty(batch + rows.total, big_h)
+    cells[:batch].copy_(c0)
+    output = x.new_empty(rows.total, big_h)
     if persistent:
-        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output)
+        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output, rows.steps)
         return output, cells, gates, buffers
     x_final, h_final = buffers.xs[-1], buffers.hs[-1]
-    for t in range(steps):
+    sizes = rows.sizes
+    for t in range(rows.steps):
+        step, n = rows.step_span(t), sizes[t]
         if maps.rounds:
-            mogrify_forward(maps, buffers, t)
+            mogrify_forward(maps, buffers, step)
         if bias is None:
-            torch.mm(x_final[t], w_ih.t(), out=gates[t])
+            torch.mm(x_final[step], w_ih.t(), out=gates[step])
         else:
-            torch.addmm(bias, x_final[t], w_ih.t(), out=gates[t])
-        gates[t].addmm_(h_final[t], w_hh.t())
-        h_copy = buffers.hs[0, t + 1] if t + 1 < steps else None
-        lstm_forward(gates[t], cells[t], cells[t + 1], output[t], h_copy)
+            torch.addmm(bias, x_final[step], w_ih.t(), out=gates[step])
+        gates[step].addmm_(h_final[step], w_hh.t())
+        c_prev = rows.previous(cells, step)
+        c_next = cells[batch + step.start : batch + step.stop]
+        # The next step's h input: this step's h, or its first rows (sequences still running).
+        next_rows = rows.step_span(t + 1) if t + 1 < rows.steps else None
+        whole = next_rows is not None and sizes[t + 1] == n
+        lstm_forward(
+            gates[step], c_prev, c_next, output[step], buffers.hs[0, next_rows] if whole else None
+        )
+        if next_rows is not None and not whole:
+            buffers.hs[0, next_rows].copy_(output[step][: sizes[t + 1]])
     return output, cells, gates, buffers
 
 
@@ -67,76 +77,93 @@ class _TritonSequence(torch.autograd.Function):
     argument); the same buffers, backward chain and weight-gradient products either way."""
 
     @staticmethod
-    def forward(ctx, persistent, x, h0, c0, w_ih, w_hh, bias, *map_tensors):
+    def forward(ctx, persistent, rows, x, h0, c0, w_ih, w_hh, bias, *map_tensors):
         maps = StackedMaps(*map_tensors)
-        output, cells, gates, buffers = _forward(x, h0, c0, w_ih, w_hh, bias, maps, persistent)
-        ctx.persistent, ctx.has_bias = persistent, bias is not None
+        output, cells, gates, buffers = _forward(
+            rows, x, h0, c0, w_ih, w_hh, bias, maps, persistent
+        )
+        ctx.persistent, ctx.rows, ctx.has_bias = persistent, rows, bias is not None
         ctx.present, present_maps = maps.saved()
         ctx.save_for_backward(w_ih, w_hh, cells, gates, *buffers, *present_maps)
-        return output, output[-1].clone(), cells[-1].clone()
+        return output, *_final_state(rows, output, cells)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
         name = "persistent" if ctx.persistent else "triton"
         refuse_double_backward(name)
+        rows: StepRows = ctx.rows
         w_ih, w_hh, cells, gates, *rest = ctx.saved_tensors
         buffers = MogrifyBuffers(*rest[:5])
         maps = StackedMaps.restore(ctx.present, rest[5:])
-        steps, rows, big_h = cells.shape[0] - 1, cells.shape[1], cells.shape[2]
+        batch = grad_h.shape[0]
         xs, hs = buffers.xs, buffers.hs
         grad_output = grad_output.contiguous()
         grad_gates = gates.new_empty(gates.shape)
-        # Per-step state gradients; grad_hs[0] carries dh into the step before.
-        grad_xs, grad_hs, dz_x, dz_h, dinner = buffers.gradient_buffers()
+        # Per-step state gradients; grad_hs[0] carries dh into the step before. Its rows past a
+        # step's own are those of sequences that end earlier: they hold h_n's gradient until
+        # their last step, as grad_cell holds c_n's.
+        grad_xs, grad_hs, dz_x, dz_h, dinner = buffers.gradient_buffers(batch)
         grad_hs[0].copy_(grad_h)
         grad_cell = grad_c.clone()
         grad_x = xs.new_empty(xs.shape[1:])
         if ctx.persistent:
             persistent_backward(
                 maps, buffers, w_ih, w_hh, gates, cells, grad_output, grad_xs, grad_hs,
-                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x,
+                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x, rows.steps,
             )  # fmt: skip
         else:
-            for t in range(steps - 1, -1, -1):
+            for t in range(rows.steps - 1, -1, -1):
+                step, n = rows.step_span(t), rows.sizes[t]
+                c_next = cells[batch + step.start : batch + step.stop]
                 lstm_backward(
-                    gates[t], cells[t], cells[t + 1], grad_output[t], grad_hs[0], grad_cell,
-                    grad_gates[t],
+                    gates[step], rows.previous(cells, step), c_next, grad_output[step],
+                    grad_hs[0, :n], grad_cell[:n], grad_gates[step],
                 )  # fmt: skip
-                torch.mm(grad_gates[t], w_ih, out=grad_xs[-1])
-                torch.mm(grad_gates[t], w_hh, out=grad_hs[-1])
+                torch.mm(grad_gates[step], w_ih, out=grad_xs[-1, :n])
+                torch.mm(grad_gates[step], w_hh, out=grad_hs[-1, :n])
                 if maps.rounds:
-                    mogrify_backward(maps, buffers, t, grad_xs, grad_hs, dz_x, dz_h, dinner)
-                grad_x[t].copy_(grad_xs[0])
+                    mogrify_backward(maps, buffers, step, grad_xs, grad_hs, dz_x, dz_h, dinner)
+                grad_x[step].copy_(grad_xs[0, :n])
 
-        # Weight gradients: one product each over all T·B rows.
-        gate_rows = grad_gates.view(steps * rows, 4 * big_h)
-        grad_w_ih = gate_rows.t() @ xs[-1].reshape(steps * rows, -1)
-        grad_w_hh = gate_rows.t() @ hs[-1].reshape(steps * rows, -1)
-        grad_bias = gate_rows.sum(0) if ctx.has_bias else None
+        # Weight gradients: one product each over all R rows.
+        grad_w_ih = grad_gates.t() @ xs[-1]
+        grad_w_hh = grad_gates.t() @ hs[-1]
+        grad_bias = grad_gates.sum(0) if ctx.has_bias else None
         map_grads = stacked_map_grads(maps, buffers, dz_x, dz_h, dinner)
-        return None, grad_x, grad_hs[0], grad_cell, grad_w_ih, grad_w_hh, grad_bias, *map_grads
+        return (
+            None, None, grad_x, grad_hs[0], grad_cell, grad_w_ih, grad_w_hh, grad_bias,
+            *map_grads,
+        )  # fmt: skip
+
+
+def _final_state(rows: StepRows, output: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sequence's h and c after its own last step (B, H)."""
+    last = rows.last_rows.to(output.device)
+    return output.index_select(0, last), cells[rows.batch :].index_select(0, last)
 
 
 def run_sequence(
     seq: Sequence, state: State, params: LayerParams, persistent: bool = False
 ) -> tuple[Tensor, State]:
-    """One layer, one direction, padded input without projections (see
+    """One layer, one direction without projections, padded or (step by step) packed (see
     :mod:`mogrifier_fast.backends` for the contract)."""
     check_dtype("persistent" if persistent else "triton", seq.data)
     maps = StackedMaps.from_params(params)
     bias = None if params.b_ih is None else params.b_ih + params.b_hh
-    x, h0, c0 = (t.contiguous() for t in (seq.data, *state))
+    rows = StepRows(seq)
+    x = rows.all_rows(seq.data).contiguous()
+    h0, c0 = (t.contiguous() for t in state)
     args = (x, h0, c0, params.w_ih, params.w_hh, bias)
     if needs_backward(*args, *maps):
-        output, h, c = _TritonSequence.apply(persistent, *args, *maps)
-        return output, State(h, c)
-    output, cells, _, _ = _forward(*args, maps, persistent)
-    return output, State(output[-1].clone(), cells[-1].clone())
+        output, h, c = _TritonSequence.apply(persistent, rows, *args, *maps)
+        return rows.laid_out(output), State(h, c)
+    output, cells, _, _ = _forward(rows, *args, maps, persistent)
+    return rows.laid_out(output), State(*_final_state(rows, output, cells))
 
 
 BACKEND = Backend(
     name="triton",
     run=graphed("triton", run_sequence),
     unavailable_reason=lambda device: kernel_unavailable_reason(_lstm_forward_kernel, device),
-    supports=frozenset(),
+    supports=frozenset({"packed"}),
 )

@@ -319,11 +319,12 @@ class StackedMaps(NamedTuple):
 
 
 class MogrifyBuffers(NamedTuple):
-    """Everything the rounds of T steps write, kept for the backward.
+    """Everything the rounds of T steps write, kept for the backward, each over all R rows of
+    the call, step after step (:class:`~mogrifier_fast.backends.layout.StepRows`).
 
-    xs (nx+1, T, B, I) and hs (nh+1, T, B, H) hold the states (index 0: the step's inputs, which
-    the caller writes); sig_x (nx, T, B, I), sig_h (nh, T, B, H) the σ(z) of each round; inner
-    (r, T, B, k) a low-rank round's inner value (else an empty placeholder)."""
+    xs (nx+1, R, I) and hs (nh+1, R, H) hold the states (index 0: the step's inputs, which the
+    caller writes); sig_x (nx, R, I), sig_h (nh, R, H) the σ(z) of each round; inner (r, R, k)
+    a low-rank round's inner value (else an empty placeholder)."""
 
     xs: Tensor
     hs: Tensor
@@ -333,22 +334,24 @@ class MogrifyBuffers(NamedTuple):
 
     @classmethod
     def empty(
-        cls, rounds: int, rank: int, steps: int, rows: int, input_size: int, hidden_size: int,
-        like: Tensor,
-    ) -> MogrifyBuffers:  # fmt: skip
+        cls, rounds: int, rank: int, rows: int, input_size: int, hidden_size: int, like: Tensor
+    ) -> MogrifyBuffers:
         nx, nh = (rounds + 1) // 2, rounds // 2
         new = like.new_empty
         return cls(
-            new(nx + 1, steps, rows, input_size), new(nh + 1, steps, rows, hidden_size),
-            new(nx, steps, rows, input_size), new(nh, steps, rows, hidden_size),
-            new(rounds if rank else 0, steps, rows, rank),
+            new(nx + 1, rows, input_size), new(nh + 1, rows, hidden_size),
+            new(nx, rows, input_size), new(nh, rows, hidden_size),
+            new(rounds if rank else 0, rows, rank),
         )  # fmt: skip
 
-    def gradient_buffers(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def gradient_buffers(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """What :func:`mogrify_backward` writes: per-step state gradients grad_xs (nx+1, B, I)
-        and grad_hs (nh+1, B, H), then dz_x, dz_h and dinner shaped as sig_x, sig_h, inner."""
+        and grad_hs (nh+1, B, H) for a batch of B, then dz_x, dz_h and dinner shaped as sig_x,
+        sig_h, inner."""
+        xs, hs = self.xs, self.hs
         return (
-            self.xs.new_empty(self.xs[:, 0].shape), self.hs.new_empty(self.hs[:, 0].shape),
+            xs.new_empty(xs.shape[0], batch, xs.shape[2]),
+            hs.new_empty(hs.shape[0], batch, hs.shape[2]),
             torch.empty_like(self.sig_x), torch.empty_like(self.sig_h), torch.empty_like(self.inner),
         )  # fmt: skip
 
@@ -379,10 +382,10 @@ def _blocks(maps: StackedMaps, input_size: int, hidden_size: int) -> dict:
     }
 
 
-def mogrify_forward(maps: StackedMaps, buffers: MogrifyBuffers, t: int) -> None:
-    """Run every round of step t: reads xs[0, t], hs[0, t]; writes the other states of step t,
-    σ(z) and low-rank inner values."""
-    xs, hs, sig_x, sig_h, inner = (b[:, t] for b in buffers)
+def mogrify_forward(maps: StackedMaps, buffers: MogrifyBuffers, step: slice) -> None:
+    """Run every round of one step, whose rows are ``step``: reads xs[0, step], hs[0, step];
+    writes the other states of those rows, σ(z) and low-rank inner values."""
+    xs, hs, sig_x, sig_h, inner = (b[:, step] for b in buffers)
     big_i, big_h, rows = xs.shape[-1], hs.shape[-1], xs.shape[1]
     dummy = xs
     for first, last, grid in _launch_plan(maps.rounds, max(big_i, big_h), rows):
@@ -403,19 +406,20 @@ def mogrify_forward(maps: StackedMaps, buffers: MogrifyBuffers, t: int) -> None:
 def mogrify_backward(
     maps: StackedMaps,
     buffers: MogrifyBuffers,
-    t: int,
+    step: slice,
     grad_xs: Tensor,
     grad_hs: Tensor,
     dz_x: Tensor,
     dz_h: Tensor,
     dinner: Tensor,
 ) -> None:
-    """The rounds of step t in reverse, on the state gradients grad_xs (nx+1, B, I), grad_hs
-    (nh+1, B, H) in place: on entry the final x and h states' gradients (from the gates); on exit
-    index 0 holds the gradients of the step's inputs. Writes dz_x[:, t] (nx, T, B, I),
-    dz_h[:, t] and, for low-rank maps, dinner[:, t] (r, T, B, k) = dz A."""
-    xs, hs, sig_x, sig_h, _ = (b[:, t] for b in buffers)
-    dzx, dzh, dinn = dz_x[:, t], dz_h[:, t], dinner[:, t]
+    """The rounds of one step (rows ``step``) in reverse, on the state gradients grad_xs
+    (nx+1, B, I), grad_hs (nh+1, B, H) in place, their first rows (as many as the step has): on
+    entry the final x and h states' gradients (from the gates); on exit index 0 holds the
+    gradients of the step's inputs. Writes dz_x[:, step] (nx, R, I), dz_h[:, step] and, for
+    low-rank maps, dinner[:, step] (r, R, k) = dz A."""
+    xs, hs, sig_x, sig_h, _ = (b[:, step] for b in buffers)
+    dzx, dzh, dinn = dz_x[:, step], dz_h[:, step], dinner[:, step]
     big_i, big_h, rows = xs.shape[-1], hs.shape[-1], xs.shape[1]
     dummy = xs
     for first, last, grid in reversed(_launch_plan(maps.rounds, max(big_i, big_h), rows)):
@@ -437,7 +441,7 @@ def mogrify_backward(
 def _kind_grads(
     dz: Tensor, source: Tensor, inner: Tensor | None, dinner: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """One kind's map gradients from all rows at once: dz (n, T, B, out), source (n, T, B, in)
+    """One kind's map gradients from all rows at once: dz (n, R, out), source (n, R, in)
     -> (maps (n, out, in) or A (n, out, k), B factors (n, k, in) or None, biases (n, out))."""
     n = dz.shape[0]
     dz_rows, source_rows = dz.reshape(n, -1, dz.shape[-1]), source.reshape(n, -1, source.shape[-1])
@@ -456,7 +460,7 @@ def stacked_map_grads(
     maps: StackedMaps, buffers: MogrifyBuffers, dz_x: Tensor, dz_h: Tensor, dinner: Tensor
 ) -> tuple[Tensor | None, ...]:
     """Gradients of the six :class:`StackedMaps` fields (None where a field is None), each one
-    batched product over all T·B rows, from the dz written by :func:`mogrify_backward`."""
+    batched product over all R rows, from the dz written by :func:`mogrify_backward`."""
     nx, nh = dz_x.shape[0], dz_h.shape[0]
     xs, hs, low_rank = buffers.xs, buffers.hs, maps.rank > 0
     x_grads = h_grads = (None, None, None)

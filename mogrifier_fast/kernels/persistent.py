@@ -224,12 +224,13 @@ def _persistent_backward_kernel(
 
 def persistent_forward(
     maps: StackedMaps, buffers: MogrifyBuffers, w_ih: Tensor, w_hh: Tensor,
-    bias: Tensor | None, gates: Tensor, cells: Tensor, output: Tensor,
+    bias: Tensor | None, gates: Tensor, cells: Tensor, output: Tensor, steps: int,
 ) -> None:  # fmt: skip
-    """All steps in one launch: reads xs[0] (the inputs), hs[0, 0] (h0) and cells[0] (c0);
-    writes the rest of ``buffers``, gates (T, B, 4H), cells[1:] and output (T, B, H)."""
+    """All ``steps`` steps of a padded batch in one launch: reads xs[0] (the inputs), hs[0]'s
+    first B rows (h0) and cells' (c0); writes the rest of ``buffers`` (R = T·B rows), gates
+    (R, 4H), cells (B + R, H) past c0 and output (R, H)."""
     xs, hs, sig_x, sig_h, inner = buffers
-    steps, rows, big_i = xs.shape[1:]
+    rows, big_i = xs.shape[1] // steps, xs.shape[2]
     big_h, dummy = hs.shape[-1], xs
     _persistent_forward_kernel[(triton.cdiv(rows, BLOCK_B),)](
         xs, hs, _or(sig_x, dummy), _or(sig_h, dummy), _or(inner, dummy),
@@ -249,11 +250,12 @@ def persistent_forward(
 def persistent_backward(
     maps: StackedMaps, buffers: MogrifyBuffers, w_ih: Tensor, w_hh: Tensor, gates: Tensor,
     cells: Tensor, grad_output: Tensor, grad_xs: Tensor, grad_hs: Tensor, grad_cell: Tensor,
-    grad_gates: Tensor, dz_x: Tensor, dz_h: Tensor, dinner: Tensor, grad_x: Tensor,
+    grad_gates: Tensor, dz_x: Tensor, dz_h: Tensor, dinner: Tensor, grad_x: Tensor, steps: int,
 ) -> None:  # fmt: skip
-    """All steps of the backward in one launch (see ``_persistent_backward_kernel``)."""
+    """All ``steps`` steps of the backward of a padded batch in one launch (see
+    ``_persistent_backward_kernel``)."""
     xs, hs, sig_x, sig_h, _ = buffers
-    steps, rows, big_i = xs.shape[1:]
+    rows, big_i = xs.shape[1] // steps, xs.shape[2]
     big_h, dummy = hs.shape[-1], xs
     _persistent_backward_kernel[(triton.cdiv(rows, BLOCK_B),)](
         xs, hs, _or(sig_x, dummy), _or(sig_h, dummy),

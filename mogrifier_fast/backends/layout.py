@@ -1,0 +1,82 @@
+"""Where each step's rows lie, for the engines that keep per-step buffers.
+
+A call's buffers hold its rows step after step, (R, ·): step t's B_t rows (a prefix of the
+batch's B, sequences sorted longest first) start at row ``offsets[t]``; a padded batch is the
+case B_t = B (R = T·B, and its (R, ·) buffers are the (T, B, ·) ones). Values carried from one
+step to the next (h, c) are stacked as [their B starting rows; each step's rows] (B + R rows):
+:meth:`StepRows.previous` reads the rows a step starts from, :attr:`StepRows.last_rows` each
+sequence's last step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from mogrifier_fast.mogrify import Sequence
+
+
+class StepRows:
+    """Where a call's rows lie over time: step t's B_t rows (a prefix of the batch's B) are
+    rows ``offsets[t]`` onwards of an (R, ·) buffer, R = sum of B_t; padded input is the case
+    B_t = B. The input and output keep their own layout ((T, B, ·) or packed rows)."""
+
+    def __init__(self, seq: Sequence) -> None:
+        self.seq = seq
+        self.batch, self.steps = seq.batch, seq.steps
+        self.sizes = seq.batch_sizes or (self.batch,) * self.steps
+        self.total = sum(self.sizes)
+
+    def per_step(self, buffer: Tensor) -> list[Tensor]:
+        """An (R, ·) buffer's view for each step, (B_t, ·)."""
+        return list(buffer.split(self.sizes))
+
+    def span(self, begin: int, end: int) -> slice:
+        """The rows of steps [begin, end)."""
+        return slice(sum(self.sizes[:begin]), sum(self.sizes[:end]))
+
+    def laid_out(self, rows: Tensor) -> Tensor:
+        """An (R, ·) result in the input's layout: (T, B, ·) when padded."""
+        return rows if self.seq.packed else rows.view(self.steps, self.batch, -1)
+
+    def all_rows(self, t: Tensor) -> Tensor:
+        """A tensor in the input's layout as (R, ·)."""
+        return t if self.seq.packed else t.reshape(self.total, -1)
+
+    @functools.cached_property
+    def lengths(self) -> Tensor:
+        """Each sequence's length (B,)."""
+        sizes = torch.tensor(self.sizes)
+        return (sizes[None, :] > torch.arange(self.batch)[:, None]).sum(1)
+
+    @functools.cached_property
+    def offsets(self) -> Tensor:
+        sizes = torch.tensor(self.sizes)
+        return sizes.cumsum(0) - sizes
+
+    @functools.cached_property
+    def last_rows(self) -> Tensor:
+        """Each sequence's row at its own last step (B,)."""
+        return self.offsets[self.lengths - 1] + torch.arange(self.batch)
+
+    @functools.cached_property
+    def previous_rows(self) -> Tensor:
+        """For each row, its previous step's row in [h_0 (B rows); output (R rows)] (R,)."""
+        step = torch.arange(self.steps).repeat_interleave(torch.tensor(self.sizes))
+        row = torch.arange(self.total) - self.offsets[step]
+        previous = self.batch + self.offsets[(step - 1).clamp(min=0)] + row
+        return torch.where(step == 0, row, previous)
+
+    def previous(self, stacked: Tensor, span: slice) -> Tensor:
+        """Rows ``span`` of a per-row value taken from the step before, for ``stacked`` =
+        [the value at the start (B rows); each step's (R rows)]: padded, row i is row i there;
+        packed, a gather."""
+        if not self.seq.packed:
+            return stacked[span]
+        return stacked.index_select(0, self.previous_rows[span].to(stacked.device))
+
+    def step_span(self, t: int) -> slice:
+        """Step t's rows."""
+        return self.span(t, t + 1)
