@@ -116,16 +116,19 @@ def mogrifier_lstm_sequence(
     factors: List[List[Tensor]],
     biases: List[Optional[Tensor]],
     w_hr: Optional[Tensor] = None,
+    packed: bool = False,
 ) -> Tuple[List[Tensor], Tensor, Tensor]:
-    """The step looped over time. xs: one (B_t, I) input per step, B_t non-increasing (the
-    sequences still running at step t are the first B_t rows); h (B, P), c (B, H) -> the
-    outputs, one (B_t, P) per step, and each sequence's h and c after its own last step."""
+    """The step looped over time. xs: one (B_t, I) input per step; h (B, P), c (B, H) -> the
+    outputs, one (B_t, P) per step, and each sequence's h and c after its own last step. B_t is
+    B unless ``packed``: then non-increasing, the sequences still running at step t being the
+    first B_t rows."""
     outputs: List[Tensor] = []
     ended_h: List[Tensor] = []
     ended_c: List[Tensor] = []
     for x_t in xs:
-        h = retire_ended(x_t.shape[0], h, ended_h)
-        c = retire_ended(x_t.shape[0], c, ended_c)
+        if packed:
+            h = retire_ended(x_t.shape[0], h, ended_h)
+            c = retire_ended(x_t.shape[0], c, ended_c)
         h, c = mogrifier_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, factors, biases, w_hr)
         outputs.append(h)
     return outputs, final_state(h, ended_h), final_state(c, ended_c)

@@ -17,7 +17,7 @@ from mogrifier_fast.backends import Backend
 from mogrifier_fast.backends.cuda_graphs import _flatten, graphed
 from mogrifier_fast.backends.cudnn_steps import run_cudnn
 from mogrifier_fast.kernels import interpreted, lstm, mogrify
-from mogrifier_fast.mogrify import lstm_step
+from mogrifier_fast.mogrify import Sequence, State, lstm_step
 from tests.helpers import Case, oracle_and_grad, rel_err, run_and_grad
 from tests.test_backends import check_against_oracle
 
@@ -80,9 +80,9 @@ def cudnn_on_cpu(monkeypatch) -> str:
     """The "cudnn" backend's run function registered for CPU tensors under a test name."""
     name = "cudnn-test"
     monkeypatch.setitem(backends._registered, name, Backend(name=name, run=run_cudnn))
-    backends._load.cache_clear()
+    backends._loaded.clear()
     yield name
-    backends._load.cache_clear()
+    backends._loaded.clear()
 
 
 @pytest.mark.parametrize(
@@ -134,13 +134,14 @@ def test_graphed_runs_plainly_off_cuda() -> None:
     """On CPU tensors the CUDA-graph wrapper is the plain function."""
     calls = []
 
-    def run(x, h0, c0, params):
-        calls.append(x)
-        return x, h0, c0
+    def run(seq, state, params):
+        calls.append(seq.data)
+        return seq.data, state
 
     layer = mf.MogrifierLSTM(3, 4, rounds=3, share_rounds=True)
     x, h = torch.randn(2, 1, 3), torch.zeros(1, 4)
-    assert graphed("test", run)(x, h, h, layer.layer_params(0))[0] is x and calls == [x]
+    output, _ = graphed("test", run)(Sequence(x), State(h, h), layer.layer_params(0))
+    assert output is x and calls == [x]
 
 
 def test_graph_inputs_flatten_and_rebuild() -> None:
@@ -231,14 +232,15 @@ def test_graph_replay_contract_on_cpu(monkeypatch) -> None:
     xs = [torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(2)]
 
     def loss(run_fn):
-        first = run_fn(xs[0], h0, c0, params)[0]
+        first = run_fn(Sequence(xs[0]), State(h0, c0), params)[0]
         kept = first.detach().clone()
-        second = run_fn(xs[1], h0, c0, params)[0]  # replays while the first backward is pending
+        # replays while the first backward is pending
+        second = run_fn(Sequence(xs[1]), State(h0, c0), params)[0]
         assert torch.equal(first, kept)
         return (first * 2).sum() + (second * 3).sum()
 
     def one_call_loss(index: int):
-        return lambda run_fn: run_fn(xs[index], h0, c0, params)[0].sum()
+        return lambda run_fn: run_fn(Sequence(xs[index]), State(h0, c0), params)[0].sum()
 
     def grads_after(run_fn, losses) -> list[torch.Tensor]:
         layer.zero_grad(set_to_none=True)

@@ -20,7 +20,6 @@ import importlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -110,7 +109,7 @@ def register(backend: Backend) -> Backend:
     if backend.name == "auto":
         raise ValueError("backend.name: 'auto' is reserved for automatic selection")
     _registered[backend.name] = backend
-    _load.cache_clear()
+    _loaded.clear()
     return backend
 
 
@@ -127,9 +126,19 @@ def check_backend_name(name: object) -> None:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {backend_names()}")
 
 
-@cache
+# Loaded backends (or why not) by name: a plain dict, which torch.compile reads without tracing
+# into a cache wrapper.
+_loaded: dict[str, Backend | str] = {}
+
+
 def _load(name: str) -> Backend | str:
     """The backend called ``name``, or the reason it cannot be loaded here."""
+    if name not in _loaded:
+        _loaded[name] = _import_backend(name)
+    return _loaded[name]
+
+
+def _import_backend(name: str) -> Backend | str:
     if name in _registered:
         return _registered[name]
     module_name = BUILTIN_MODULES[name]

@@ -72,8 +72,9 @@ def run_compiled(seq: Sequence, state: State, params: LayerParams) -> tuple[Tens
         outputs, ended_h, ended_c = [], [], []
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for x_t in seq.step_inputs():
-                h = retire_ended(x_t.shape[0], h, ended_h)
-                c = retire_ended(x_t.shape[0], c, ended_c)
+                if seq.packed:
+                    h = retire_ended(x_t.shape[0], h, ended_h)
+                    c = retire_ended(x_t.shape[0], c, ended_c)
                 h, c = step(x_t, h, c, *args)
                 outputs.append(h)
     return seq.join(outputs), State(final_state(h, ended_h), final_state(c, ended_c))

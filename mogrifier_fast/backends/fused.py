@@ -686,6 +686,7 @@ class _FusedSequence(torch.autograd.Function):
         return rows.laid_out(output), h_last, c_last
 
     @staticmethod
+    @torch.compiler.disable
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
         refuse_double_backward("fused")
         structure, rows, weights = ctx.structure, ctx.rows, ctx.weights
@@ -699,6 +700,9 @@ class _FusedSequence(torch.autograd.Function):
         return None, None, grad_x, grad_h0, grad_c0, *grads
 
 
+# torch.compile leaves the call to its own code (C++ ops, hand-written backward): compiled
+# models graph-break around it, and it runs as in eager.
+@torch.compiler.disable
 def run_fused(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
     """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
     structure, flat = _split(params)

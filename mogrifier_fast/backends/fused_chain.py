@@ -83,8 +83,9 @@ def _ninja_on_path() -> None:
 
 
 def build() -> float | None:
-    """Build (or load the cached build of) the C++ loops; the seconds a build took, or None
-    when a cached one was loaded. Raises what the build raises."""
+    """Build (or load the cached build of) the C++ loops and register their ops' fake kernels;
+    the seconds a build took, or None when a cached one was loaded. Raises what the build
+    raises."""
     from torch.utils import cpp_extension
 
     _ninja_on_path()
@@ -107,6 +108,7 @@ def build() -> float | None:
         is_python_module=False,
         verbose=False,
     )
+    register_fake_kernels()
     return time.perf_counter() - start if fresh else None
 
 
@@ -311,8 +313,8 @@ class NativeCall:
 # kernel, which computes only the metadata of its results. chain_forward and chain_backward
 # return nothing and annotate every tensor they write (Tensor(a!)), so torch derives their fake
 # kernels itself; rows_product returns a new tensor and needs one. Fake kernels can be registered
-# only once the ops exist, that is once build() has loaded the C++ module: build is wrapped
-# below to register them right after.
+# only once the ops exist, that is once build() has loaded the C++ module: build() registers
+# them right after.
 
 # Floats per vector of each variant's loops (``Kernels::vector_width``, the ``VL`` of each
 # ``isa_*.cpp``): rows_product pads its result's rows to a multiple of it.
@@ -336,18 +338,6 @@ def register_fake_kernels() -> None:
     if not _fakes_registered:
         torch.library.register_fake("mogrifier_fast::rows_product", _fake_rows_product)
         _fakes_registered = True
-
-
-_load_loops = build
-
-
-def build() -> float | None:
-    """Build (or load the cached build of) the C++ loops, then register the ops' fake kernels;
-    the seconds a build took, or None when a cached one was loaded. Raises what the build
-    raises."""
-    seconds = _load_loops()
-    register_fake_kernels()
-    return seconds
 
 
 # The first torch.compile in a process imports torch.utils.mkldnn, whose TorchScript classes

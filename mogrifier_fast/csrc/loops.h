@@ -159,16 +159,15 @@ struct Loops {
     return p * scale;
   }
   static vec sigmoid_v(vec x) { return 1.0f / (1.0f + exp_v(-x)); }
-  // tanh to float32's relative accuracy: an odd polynomial near zero (the minimax fit of the
-  // classic single-precision tanh for |x| < 0.625), 2σ(2x) − 1 beyond, where that identity's
-  // absolute error (about 1e-7) is also relative (|tanh x| > 0.55).
-  static vec tanh_v(vec x) {
+  // tanh to float32's relative accuracy, given far = 2σ(2x) − 1 (which callers often have): an
+  // odd polynomial near zero (the minimax fit of the classic single-precision tanh for
+  // |x| < 0.625), `far` beyond, where that identity's absolute error (about 1e-7) is also
+  // relative (|tanh x| > 0.55).
+  static vec tanh_v(vec x, vec far) {
     const vec z = x * x;
     const vec poly = (((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
                       1.33314422036e-1f) * z - 3.33332819422e-1f;
-    const vec near_zero = x + x * z * poly;
-    const vec far = sigmoid_v(2.0f * x) * 2.0f - 1.0f;
-    return z < 0.390625f ? near_zero : far;  // |x| < 0.625
+    return z < 0.390625f ? x + x * z * poly : far;  // |x| < 0.625
   }
 
   // ---- the register tile --------------------------------------------------------------------
@@ -654,9 +653,9 @@ struct Loops {
             }
             // tanh itself, not 2σ(2v) − 1 from the sigmoids: that identity is exact only in
             // absolute terms, and small outputs (a projection's, say) need relative accuracy.
-            const vec g2 = tanh_v(z_g * 0.5f) * 2.0f;  // 2 tanh(g)
+            const vec g2 = tanh_v(z_g * 0.5f, a[2] * 2.0f - 1.0f) * 2.0f;  // 2 tanh(g)
             const vec cell2 = a[1] * load(cells.at(cell_in, b) + u, n) + a[0] * g2;  // 2 c'
-            const vec tc = tanh_v(cell2 * 0.5f);  // tanh(c')
+            const vec tc = tanh_v(cell2 * 0.5f, sigmoid_v(cell2) * 2.0f - 1.0f);  // tanh(c')
             const vec h = a[3] * tc;
             store(g2_s.at(t, b) + u, g2, n);
             store(cells.at(cell_out, b) + u, cell2, n);
