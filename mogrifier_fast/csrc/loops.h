@@ -52,8 +52,8 @@ struct Part {
     const int id = omp_get_thread_num(), size = omp_get_num_threads();
     if (c.plan.split_rows) {
       const int64_t blocks = (rows + granule - 1) / granule;
-      // done[i]: the row-steps of blocks [0, i); this thread takes the blocks whose start lies
-      // in its share of them.
+      // done[i]: the row-steps of blocks [0, i); each thread's share of them ends at the block
+      // boundary nearest to its even share's end.
       std::vector<int64_t> done(blocks + 1, 0);
       for (int64_t i = 0; i < blocks; ++i) {
         done[i + 1] = done[i];
@@ -62,7 +62,8 @@ struct Part {
       }
       const Share work(done[blocks], id, size);
       const auto first_block = [&](int64_t w) {
-        return std::lower_bound(done.begin(), done.end() - 1, w) - done.begin();
+        const int64_t i = std::lower_bound(done.begin(), done.end(), w) - done.begin();
+        return i > 0 && (i > blocks || w - done[i - 1] < done[i] - w) ? i - 1 : i;
       };
       row_begin = std::min(first_block(work.begin) * granule, rows);
       row_end = std::min(first_block(work.end) * granule, rows);
