@@ -1,7 +1,7 @@
 // The NEON loops (isa_neon.cpp: register tile 8 x 12) against the portable ones (isa_generic.cpp:
 // 6 x 8) on the same random inputs: rows_product, forward (keep = true) and backward, over round
-// counts, dense, low-rank and shared maps, with and without biases, odd sizes, batch rows and
-// every plan. Both tiles compute each element in the same order, so they agree to rounding.
+// counts, dense, low-rank and shared maps, with and without biases, odd sizes, batch rows,
+// projections, packed batches of falling row counts, and every plan. Both tiles compute each element in the same order, so they agree to rounding.
 // No ATen: built for aarch64 with the two isa files and run under qemu-user by
 // tests/test_neon.py, since x86 CI cannot run NEON code.
 //
@@ -285,19 +285,49 @@ struct Config {
   bool bias;
   int64_t T, B, I, H;
   Plan plan;
+  int64_t P = 0;  // the projected state's width (proj_size); 0: no projection, h is H wide
+  // A packed batch: rows per step (non-increasing, from B), each step's first row, and the
+  // cells' (c_0's B rows first). Empty: padded, every step all B rows.
+  std::vector<int64_t> batch_sizes, first, cell_first;
+
+  Config with(int64_t proj, std::vector<int64_t> sizes) const {
+    Config c = *this;
+    c.P = proj;
+    c.batch_sizes = std::move(sizes);
+    if (!c.batch_sizes.empty()) {
+      c.T = static_cast<int64_t>(c.batch_sizes.size());
+      c.B = c.batch_sizes[0];
+      int64_t row = 0;
+      c.cell_first.push_back(0);
+      for (int64_t n : c.batch_sizes) {
+        c.first.push_back(row);
+        c.cell_first.push_back(c.B + row);
+        row += n;
+      }
+    }
+    return c;
+  }
+  bool packed() const { return !batch_sizes.empty(); }
+  int64_t state() const { return P ? P : H; }
+  int64_t total_rows() const {
+    int64_t n = 0;
+    for (int64_t b : batch_sizes) n += b;
+    return packed() ? n : T * B;
+  }
 
   std::string name() const {
     char s[200];
-    std::snprintf(s, sizeof s, "r=%lld %s %s T=%lld B=%lld I=%lld H=%lld %s threads=%d%s",
+    std::snprintf(s, sizeof s, "r=%lld %s %s T=%lld B=%lld I=%lld H=%lld %s threads=%d%s%s%s",
                   static_cast<long long>(rounds), MAPS_NAMES[static_cast<int>(maps)],
                   bias ? "bias" : "no-bias", static_cast<long long>(T), static_cast<long long>(B),
                   static_cast<long long>(I), static_cast<long long>(H),
                   plan.packed ? "packed" : "in-place", plan.threads,
-                  plan.split_rows ? " split_rows" : "");
+                  plan.split_rows ? " split_rows" : "", P ? " projected" : "",
+                  packed() ? " packed-batch" : "");
     return s;
   }
   // Width of state u_s (fused.py's _Structure.size).
-  int64_t width(int64_t s) const { return s % 2 ? I : H; }
+  int64_t width(int64_t s) const { return s % 2 ? I : state(); }
   // Rank of round j's map, 0 when dense.
   int64_t rank(int64_t j) const {
     if (maps == Maps::dense || (maps == Maps::shared && j % 2 == 0)) return 0;
@@ -311,10 +341,11 @@ struct Config {
   // The comparisons a forward makes: output, c_last, states u_1 .. u_{r-2}, the inner values,
   // xh, one sigmoid per round, act, tanh_g2, tanh_c, cells2. A backward: grad_x, grad_h0,
   // grad_c0, grad_act, one grad_z per round, the inner values' gradients.
+  // With a projection, one more each: the unprojected h, the projected h's gradient.
   int64_t forward_comparisons() const {
-    return 2 + std::max<int64_t>(0, rounds - 2) + low_rank_rounds() + 1 + rounds + 4;
+    return 2 + std::max<int64_t>(0, rounds - 2) + low_rank_rounds() + 1 + rounds + 4 + (P > 0);
   }
-  int64_t backward_comparisons() const { return 4 + rounds + low_rank_rounds(); }
+  int64_t backward_comparisons() const { return 4 + rounds + low_rank_rounds() + (P > 0); }
 };
 
 // d_s of fused.py: how many rounds have doubled state s.
@@ -348,10 +379,11 @@ struct Layer {
     const int64_t r = c.rounds, I = c.I, H = c.H;
     params.input_size = I;
     params.hidden_size = H;
-    params.state_size = H;
+    params.state_size = c.state();
     params.rounds = r;
     params.w_ih = matrix(4 * H, I);
-    params.w_hh = matrix(4 * H, H);
+    params.w_hh = matrix(4 * H, c.state());
+    if (c.P) params.w_hr = matrix(c.P, H);
     if (c.bias) {
       params.b_ih = vector(4 * H, 0.5f);
       params.b_hh = vector(4 * H, 0.5f);
@@ -390,38 +422,53 @@ struct Sequence {
   Sequence(int64_t blocks, int64_t B, int64_t width)
       : buffer(blocks * B * width), seq{buffer.data(), blocks > 1 ? B * width : 0, width} {}
   View view() const { return whole(buffer); }
+  // A buffer of every step's rows, width wide: (T, B, width) blocks, or a packed batch's rows
+  // (cells: c_0's B rows first).
+  static Sequence per_step(const Config& c, int64_t width, bool cells = false) {
+    if (!c.packed()) return Sequence(c.T + (cells ? 1 : 0), c.B, width);
+    Sequence s;
+    s.buffer = Buffer(((cells ? c.B : 0) + c.total_rows()) * width);
+    s.seq = {s.buffer.data(), 0, width, cells ? c.cell_first.data() : c.first.data()};
+    return s;
+  }
 };
 
 // fused.py's _Saved.empty for keep = true, in the order of _Saved.tensors().
 struct SavedSet {
   std::vector<Sequence> states, inners, sig;  // states[s - 1]; inners[j - 1] (empty when dense)
-  Sequence xh, act, tanh_g2, tanh_c, cells2;
+  Sequence xh, act, tanh_g2, tanh_c, cells2, unprojected;  // unprojected: with a projection
   std::vector<Seq> state_seqs, inner_seqs, sig_seqs;
   Saved saved;
 
   SavedSet(const Config& c)
-      : xh(c.T, c.B, c.I + c.H),
-        act(c.T, c.B, 4 * c.H),
-        tanh_g2(c.T, c.B, c.H),
-        tanh_c(c.T, c.B, c.H),
-        cells2(c.T + 1, c.B, c.H) {
-    for (int64_t s = 1; s + 1 < c.rounds; ++s) states.emplace_back(c.T, c.B, c.width(s));
+      : xh(Sequence::per_step(c, c.I + c.state())),
+        act(Sequence::per_step(c, 4 * c.H)),
+        tanh_g2(Sequence::per_step(c, c.H)),
+        tanh_c(Sequence::per_step(c, c.H)),
+        cells2(Sequence::per_step(c, c.H, true)) {
+    if (c.P) unprojected = Sequence::per_step(c, c.H);
+    for (int64_t s = 1; s + 1 < c.rounds; ++s) states.push_back(Sequence::per_step(c, c.width(s)));
     for (int64_t j = 1; j <= c.rounds; ++j) {
-      inners.push_back(c.rank(j) ? Sequence(c.T, c.B, c.rank(j)) : Sequence());
-      sig.emplace_back(c.T, c.B, c.width(j));
+      inners.push_back(c.rank(j) ? Sequence::per_step(c, c.rank(j)) : Sequence());
+      sig.push_back(Sequence::per_step(c, c.width(j)));
     }
     for (const Sequence& s : states) state_seqs.push_back(s.seq);
     for (const Sequence& s : inners) inner_seqs.push_back(s.seq);
     for (const Sequence& s : sig) sig_seqs.push_back(s.seq);
     saved = {xh.seq,     act.seq,           tanh_g2.seq,       tanh_c.seq,
-             cells2.seq, state_seqs.data(), inner_seqs.data(), sig_seqs.data()};
+             cells2.seq, state_seqs.data(), inner_seqs.data(), sig_seqs.data(),
+             unprojected.seq};
   }
   void freeze() const {
     for (const auto* list : {&states, &inners, &sig})
       for (const Sequence& s : *list) s.buffer.freeze();
     for (const Sequence* s : {&xh, &act, &tanh_g2, &tanh_c, &cells2}) s->buffer.freeze();
+    if (unprojected.buffer.size()) unprojected.buffer.freeze();
   }
 };
+
+// The Call's batch_sizes: a packed batch's, or null.
+const int64_t* sizes(const Config& c) { return c.packed() ? c.batch_sizes.data() : nullptr; }
 
 struct ForwardRun {
   Sequence output;
@@ -430,9 +477,10 @@ struct ForwardRun {
 
   ForwardRun(const Kernels& kernels, const Config& c, const Layer& layer, const Sequence& x,
              const Buffer& h0, const Buffer& c0)
-      : output(c.T, c.B, c.H), c_last(c.B * c.H), saved(c) {
+      : output(Sequence::per_step(c, c.state())), c_last(c.B * c.H), saved(c) {
     running(kernels);
-    const Call call{&layer.params, c.T, c.B, x.seq, h0.data(), output.seq, saved.saved, c.plan};
+    const Call call{&layer.params, c.T,         c.B,         x.seq,  h0.data(),
+                    output.seq,    saved.saved, c.plan,      sizes(c)};
     kernels.forward({call, c0.data(), c_last.data(), true});
   }
 };
@@ -461,6 +509,7 @@ void compare_forward(Tally& tally, const Config& c, const ForwardRun& neon,
   tally.compare("tanh_g2", a.tanh_g2.view(), b.tanh_g2.view());
   tally.compare("tanh_c", a.tanh_c.view(), b.tanh_c.view());
   tally.compare("cells2", a.cells2.view(), b.cells2.view());
+  if (c.P) tally.compare("unprojected", a.unprojected.view(), b.unprojected.view());
 }
 
 // The backward's outputs as fused.py allocates them: grad_pre (T, B, 4H + the rounds' widths)
@@ -474,38 +523,43 @@ struct BackwardRun {
   std::vector<int64_t> offsets;  // grad_z[j - 1]'s first column in grad_pre
   int64_t pre_width;
 
+  // grad_act, each round's grad_z, then (with a projection) the projected h's gradient.
   static int64_t total_width(const Config& c) {
     int64_t w = 4 * c.H;
     for (int64_t j = 1; j <= c.rounds; ++j) w += c.width(j);
-    return w;
+    return w + c.P;
   }
 
   BackwardRun(const Kernels& kernels, const Config& c, const Layer& layer, const Sequence& x,
               const Buffer& h0, const ForwardRun& forward, const Sequence& grad_output,
               const Buffer& grad_h, const Buffer& grad_c)
-      : grad_x(c.T, c.B, c.I),
-        grad_h0(c.B * c.H),
+      : grad_x(Sequence::per_step(c, c.I)),
+        grad_h0(c.B * c.state()),
         grad_c0(c.B * c.H),
-        grad_pre(c.T, c.B, total_width(c)),
+        grad_pre(Sequence::per_step(c, total_width(c))),
         pre_width(total_width(c)) {
+    const Seq& pre = grad_pre.seq;
     int64_t offset = 4 * c.H;
     for (int64_t j = 1; j <= c.rounds; ++j) {
       offsets.push_back(offset);
-      grad_z_seqs.push_back({grad_pre.seq.base + offset, grad_pre.seq.step, grad_pre.seq.row});
+      grad_z_seqs.push_back({pre.base + offset, pre.step, pre.row, pre.first});
       offset += c.width(j);
-      grad_inners.push_back(c.rank(j) ? Sequence(c.T, c.B, c.rank(j)) : Sequence());
+      grad_inners.push_back(c.rank(j) ? Sequence::per_step(c, c.rank(j)) : Sequence());
     }
+    offsets.push_back(offset);  // the projected h's gradient (width P, when there is one)
+    const Seq grad_projected =
+        c.P ? Seq{pre.base + offset, pre.step, pre.row, pre.first} : Seq{};
     for (const Sequence& s : grad_inners) grad_inner_seqs.push_back(s.seq);
     running(kernels);
-    const Call call{&layer.params, c.T, c.B, x.seq, h0.data(), forward.output.seq,
-                    forward.saved.saved, c.plan};
+    const Call call{&layer.params,       c.T,    c.B,     x.seq, h0.data(), forward.output.seq,
+                    forward.saved.saved, c.plan, sizes(c)};
     kernels.backward({call, grad_output.seq, grad_h.data(), grad_c.data(), grad_x.seq,
                       grad_h0.data(), grad_c0.data(), grad_pre.seq, grad_z_seqs.data(),
-                      grad_inner_seqs.data()});
+                      grad_inner_seqs.data(), grad_projected});
   }
-  // Columns [first, first + width) of grad_pre, over all T B rows.
+  // Columns [first, first + width) of grad_pre, over all rows.
   View columns(const Config& c, int64_t first, int64_t width) const {
-    return {grad_pre.buffer.data() + first, c.T * c.B, width, pre_width};
+    return {grad_pre.buffer.data() + first, c.total_rows(), width, pre_width};
   }
 };
 
@@ -526,10 +580,14 @@ void compare_backward(Tally& tally, const Config& c, const BackwardRun& neon,
                     generic.grad_inners[j - 1].view());
     }
   }
+  if (c.P) {
+    const int64_t first = neon.offsets[c.rounds];
+    tally.compare("grad_projected", neon.columns(c, first, c.P), generic.columns(c, first, c.P));
+  }
 }
 
-Sequence random_sequence(int64_t T, int64_t B, int64_t width, Rng& rng) {
-  Sequence s(T, B, width);
+Sequence random_sequence(const Config& c, int64_t width, Rng& rng) {
+  Sequence s = Sequence::per_step(c, width);
   std::uniform_real_distribution<float> uniform(-0.5f, 0.5f);
   for (size_t i = 0; i < s.buffer.size(); ++i) s.buffer.data()[i] = uniform(rng);
   s.buffer.freeze();
@@ -541,8 +599,9 @@ Sequence random_sequence(int64_t T, int64_t B, int64_t width, Rng& rng) {
 void check_layer(Tally& tally, const Kernels& neon, const Kernels& generic, const Config& c,
                  Rng& rng) {
   const Layer layer(c, rng);
-  const Sequence x = random_sequence(c.T, c.B, c.I, rng);
-  const Buffer h0 = random_buffer(c.B * c.H, 0.5f, rng), c0 = random_buffer(c.B * c.H, 0.5f, rng);
+  const Sequence x = random_sequence(c, c.I, rng);
+  const Buffer h0 = random_buffer(c.B * c.state(), 0.5f, rng);
+  const Buffer c0 = random_buffer(c.B * c.H, 0.5f, rng);
 
   const std::string forward_what = "forward  " + c.name();
   tally.begin(forward_what);
@@ -553,8 +612,8 @@ void check_layer(Tally& tally, const Kernels& neon, const Kernels& generic, cons
 
   want.output.buffer.freeze();
   want.saved.freeze();
-  const Sequence grad_output = random_sequence(c.T, c.B, c.H, rng);
-  const Buffer grad_h = random_buffer(c.B * c.H, 0.5f, rng);
+  const Sequence grad_output = random_sequence(c, c.state(), rng);
+  const Buffer grad_h = random_buffer(c.B * c.state(), 0.5f, rng);
   const Buffer grad_c = random_buffer(c.B * c.H, 0.5f, rng);
   const std::string backward_what = "backward " + c.name();
   tally.begin(backward_what);
@@ -576,9 +635,9 @@ int main() {
   const Kernels& generic = generic_kernels();
   Tally tally;
   // The checks below: 2 of the setup, 12 shapes x 2 team sizes of rows_product, and a forward
-  // and a backward for each of 240 layer configurations (a fixed number, so that a loop which
-  // runs nothing fails). Each check's comparisons are counted from its configuration.
-  constexpr int64_t ROWS_PRODUCTS = 24, LAYER_CONFIGS = 240;
+  // and a backward for each of 240 + 36 layer configurations (a fixed number, so that a loop
+  // which runs nothing fails). Each check's comparisons are counted from its configuration.
+  constexpr int64_t ROWS_PRODUCTS = 24, LAYER_CONFIGS = 240 + 36;
   const int64_t expected_checks = 2 + ROWS_PRODUCTS + 2 * LAYER_CONFIGS;
   int64_t expected_comparisons = 0;
   Rng rng(20240611);
@@ -626,6 +685,23 @@ int main() {
             ++index;
           }
     }
+
+  // Projections (P = 5 of H = 10, 19 of 50) and packed batches (rows per step falling from 14
+  // or 7 to 1, tails of the tiles' rows at every step), apart and together, over the plans.
+  const std::vector<int64_t> packed_sizes[] = {{14, 13, 11, 8, 8, 5, 2, 1}, {7, 7, 6, 3, 1}};
+  for (int64_t rounds : {0, 1, 4, 5})
+    for (int kind = 0; kind < 3; ++kind)
+      for (int64_t s = 0; s < 3; ++s) {
+        const auto& size = sizes[s % 2];
+        const Plan& plan = plans[index % 6];
+        const Config base{rounds, index % 2 ? Maps::low_rank : Maps::dense, true, 3,
+                          batch_rows[index % 5], size[0], size[1], plan};
+        const int64_t proj = kind == 1 ? 0 : (size[1] > 16 ? 19 : 5);
+        const Config c = base.with(proj, kind == 0 ? std::vector<int64_t>{} : packed_sizes[s % 2]);
+        check_layer(tally, neon, generic, c, rng);
+        expected_comparisons += c.forward_comparisons() + c.backward_comparisons();
+        ++index;
+      }
 
   std::snprintf(current, sizeof current, "summary");
   const bool counts_ok =
