@@ -120,20 +120,15 @@ COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 13)]
 LIGHT_BACKENDS = [b for b in BACKENDS if b != "compile"]
 
 
-# "persistent" runs packed batches with "triton"'s step-by-step code, checked there.
-def runs_own_code(backend: str, case: Case) -> bool:
-    return not (backend == "persistent" and case.lengths)
-
-
 def cases_for(dtype_stride: int = 1) -> list:
     """(backend, case) pairs for every available backend and every ``dtype_stride``-th case
-    whose features (packed input, projections) it supports, and runs with code of its own."""
+    whose features (packed input, projections) it supports."""
     chosen = {"compile": COMPILE_CASES, **dict.fromkeys(SLOW_BACKENDS - {"compile"}, FEW_CASES)}
     return [
         pytest.param(backend, case, id=f"{backend}-{case.name}")
         for backend in BACKENDS
         for case in chosen.get(backend, CASES)[::dtype_stride]
-        if features(case) <= supported_features(backend) and runs_own_code(backend, case)
+        if features(case) <= supported_features(backend)
     ]
 
 
@@ -317,7 +312,7 @@ def test_reduced_precision_no_worse_than_reference(backend: str, precision: str)
 PACKED_CONFIGS = [
     pytest.param(backend, *config, id=f"{backend}-{'-'.join(map(str, config))}")
     for backend in LIGHT_BACKENDS
-    if "packed" in supported_features(backend) and backend != "persistent"  # triton's code
+    if "packed" in supported_features(backend)
     # (layers, bidirectional, proj_size, with_hx)
     for config in [
         (1, False, 0, False),
@@ -361,11 +356,3 @@ def test_packed_rounds_zero_is_nn_lstm(
         results.append([output.data, h_n, c_n, *grads((output.data, h_n, c_n), leaves, 5)])
     for got, want in zip(*reversed(results), strict=True):
         assert rel_err(got, want) <= TOLERANCE[torch.float64]
-
-
-@pytest.mark.skipif("persistent" not in BACKENDS, reason="backend 'persistent' does not run here")
-def test_persistent_runs_packed_batches() -> None:
-    """A packed batch through backend "persistent" (its step-by-step path: the single launch
-    runs every row at every step), once; the packed cases run on "triton"."""
-    packed = next(case for case in FEATURE_CASES if case.lengths)
-    check_against_oracle("persistent", packed, torch.float32)

@@ -80,3 +80,15 @@ class StepRows:
     def step_span(self, t: int) -> slice:
         """Step t's rows."""
         return self.span(t, t + 1)
+
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """What a kernel that walks the steps itself reads: each step's row count (then a 0),
+        its first row, and the first row of the cell it starts from (then of the one the last
+        step writes) in [c_0 (B rows); each step's (R rows)], as int32 tensors on ``device``."""
+        counts = [*self.sizes, 0]
+        firsts = self.offsets.tolist()
+        cells = [0, *(self.batch + f for f in firsts)]
+        return tuple(
+            torch.tensor(values, dtype=torch.int32, device=device)
+            for values in (counts, firsts, cells)
+        )

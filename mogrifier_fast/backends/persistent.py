@@ -4,7 +4,9 @@ See :mod:`mogrifier_fast.kernels.persistent` for the kernels; the autograd funct
 weight-gradient products are the step-by-step backend's (:mod:`.triton_steps`). A layer whose
 weights exceed ``MAX_WEIGHT_BYTES`` (they are re-read from cache every step, so they should fit
 in the GPU's L2) runs step by step instead, said once per layer shape in the ``mogrifier_fast``
-log; so does a packed batch (the single launch runs every row at every step). On a CUDA device calls are replayed from CUDA graphs like the other Triton backends.
+log. A packed batch runs in the same single launch, each step on its own rows (the kernels
+read each step's row count and first row from small tables). On a CUDA device calls are
+replayed from CUDA graphs like the other Triton backends.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def run_persistent(seq: Sequence, state: State, params: LayerParams) -> tuple[Te
                 size / 2**20, MAX_WEIGHT_BYTES / 2**20,
             )  # fmt: skip
         return run_sequence(seq, state, params)
-    return run_sequence(seq, state, params, persistent=not seq.packed)
+    return run_sequence(seq, state, params, persistent=True)
 
 
 BACKEND = Backend(

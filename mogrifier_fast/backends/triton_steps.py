@@ -36,7 +36,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor, MogrifyBuffers]:  # fmt: skip
     """x: (R, I) (every step's rows), h0, c0: (B, H) -> output (R, H), cells (B + R, H) = c_0
     then every step's c, gate pre-activations (R, 4H), and the rounds' buffers; step by step,
-    or (padded batches) in one ``persistent`` launch."""
+    or in one ``persistent`` launch."""
     batch, big_h = h0.shape
     buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, rows.total, x.shape[1], big_h, x)
     buffers.xs[0].copy_(x)
@@ -46,7 +46,7 @@ def _forward(
     cells[:batch].copy_(c0)
     output = x.new_empty(rows.total, big_h)
     if persistent:
-        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output, rows.steps)
+        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output, rows)
         return output, cells, gates, buffers
     x_final, h_final = buffers.xs[-1], buffers.hs[-1]
     sizes = rows.sizes
@@ -109,7 +109,7 @@ class _TritonSequence(torch.autograd.Function):
         if ctx.persistent:
             persistent_backward(
                 maps, buffers, w_ih, w_hh, gates, cells, grad_output, grad_xs, grad_hs,
-                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x, rows.steps,
+                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x, rows,
             )  # fmt: skip
         else:
             for t in range(rows.steps - 1, -1, -1):

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mogrifier_fast.backends.layout import StepRows
 from mogrifier_fast.kernels import accumulator, dot_precision
 from mogrifier_fast.kernels.lstm import _cell_backward_tile, _cell_forward, _store_gates
 from mogrifier_fast.kernels.mogrify import (
@@ -138,32 +139,39 @@ def _gate_input_grad(
 @triton.jit
 def _persistent_forward_kernel(
     xs, hs, sig_x, sig_h, inner, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
-    w_ih, w_hh, gate_bias, gates, cells, output,
+    w_ih, w_hh, gate_bias, gates, cells, output, step_rows, step_first, cell_first,
     xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
-    maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows, steps,
+    maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, steps,
     X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, ROUNDS: tl.constexpr,
     HAS_BIAS: tl.constexpr, GATE_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """All T steps for one block of rows. xs[0] holds the inputs and hs[0, 0] h0 on entry."""
+    """All T steps for one block of rows. Step t runs step_rows[t] rows from row
+    step_first[t] of every buffer (cells: the cell it starts from at cell_first[t], the one it
+    writes at cell_first[t + 1]). xs[0] holds the inputs and hs[0] h0 (step 0's rows) on
+    entry."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    x_step, h_step = n_rows * X_SIZE, n_rows * H_SIZE
     for t in range(steps):
+        n_rows = tl.load(step_rows + t)
+        first = tl.load(step_first + t)
+        x_at, h_at = first * X_SIZE, first * H_SIZE
         if ROUNDS > 0:
             _mogrify_forward_kernel(
-                xs + t * x_step, hs + t * h_step, sig_x + t * x_step, sig_h + t * h_step,
-                inner + t * n_rows * RANK, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
+                xs + x_at, hs + h_at, sig_x + x_at, sig_h + h_at,
+                inner + first * RANK, maps_x, maps_h, factors_x, factors_h, bias_x, bias_h,
                 xs_stride, hs_stride, sig_x_stride, sig_h_stride, inner_stride,
                 maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
                 X_SIZE, H_SIZE, RANK, 1, ROUNDS, HAS_BIAS, ACC,
                 BLOCK_B, BLOCK_N, BLOCK_K, BLOCK_R, PRECISION,
             )  # fmt: skip
-        copy_rows = tl.where(t + 1 < steps, n_rows, 0)
+        # The next step's h input: this step's h for the rows that run it (its buffers follow).
+        copy_rows = tl.load(step_rows + t + 1)  # step_rows ends with a 0
         _gates_and_cell(
-            xs + ((ROUNDS + 1) // 2) * xs_stride + t * x_step, hs + (ROUNDS // 2) * hs_stride + t * h_step,
-            w_ih, w_hh, gate_bias, gates + t * 4 * h_step, cells + t * h_step,
-            cells + (t + 1) * h_step, output + t * h_step, hs + (t + 1) * h_step, copy_rows,
+            xs + ((ROUNDS + 1) // 2) * xs_stride + x_at, hs + (ROUNDS // 2) * hs_stride + h_at,
+            w_ih, w_hh, gate_bias, gates + 4 * h_at, cells + tl.load(cell_first + t) * H_SIZE,
+            cells + tl.load(cell_first + t + 1) * H_SIZE, output + h_at,
+            hs + (first + n_rows) * H_SIZE, copy_rows,
             rows, n_rows, X_SIZE, H_SIZE, GATE_BIAS, ACC, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         tl.debug_barrier()
@@ -173,41 +181,47 @@ def _persistent_forward_kernel(
 def _persistent_backward_kernel(
     xs, hs, sig_x, sig_h, maps_x, maps_h, factors_x, factors_h, w_ih, w_hh, gates, cells,
     grad_output, grad_xs, grad_hs, grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x,
+    step_rows, step_first, cell_first,
     xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride, grad_hs_stride,
     dz_x_stride, dz_h_stride, dinner_stride,
-    maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows, steps,
+    maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, steps,
     X_SIZE: tl.constexpr, H_SIZE: tl.constexpr, RANK: tl.constexpr, ROUNDS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """All T steps of the backward for one block of rows, last step first. On entry grad_hs[0]
-    holds the gradient of h_T and grad_cell that of c_T; on exit grad_hs[0] and grad_cell hold
-    those of h0 and c0. grad_xs (nx+1, B, I) and grad_hs (nh+1, B, H) are per-step scratch."""
+    """All T steps of the backward for one block of rows, last step first (rows as in the
+    forward). On entry grad_hs[0] holds the gradient of h_n and grad_cell that of c_n (each
+    sequence's last step); on exit grad_hs[0] and grad_cell hold those of h0 and c0. grad_xs
+    (nx+1, B, I) and grad_hs (nh+1, B, H) are per-step scratch; a step's rows are their first
+    ones, so the rows of sequences that end earlier keep h_n's and c_n's gradients."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    x_step, h_step = n_rows * X_SIZE, n_rows * H_SIZE
     for back in range(steps):
         t = steps - 1 - back
+        n_rows = tl.load(step_rows + t)
+        first = tl.load(step_first + t)
+        x_at, h_at = first * X_SIZE, first * H_SIZE
         for c0 in range(0, H_SIZE, BLOCK_N):
             _cell_backward_tile(
-                gates + t * 4 * h_step, cells + t * h_step, cells + (t + 1) * h_step,
-                grad_output + t * h_step, grad_hs, grad_cell, grad_gates + t * 4 * h_step,
+                gates + 4 * h_at, cells + tl.load(cell_first + t) * H_SIZE,
+                cells + tl.load(cell_first + t + 1) * H_SIZE,
+                grad_output + h_at, grad_hs, grad_cell, grad_gates + 4 * h_at,
                 rows, c0 + tl.arange(0, BLOCK_N), n_rows, H_SIZE, ACC,
             )  # fmt: skip
         tl.debug_barrier()
         _gate_input_grad(
-            grad_gates + t * 4 * h_step, w_ih, grad_xs + ((ROUNDS + 1) // 2) * grad_xs_stride, rows, n_rows,
+            grad_gates + 4 * h_at, w_ih, grad_xs + ((ROUNDS + 1) // 2) * grad_xs_stride, rows, n_rows,
             X_SIZE, H_SIZE, ACC, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         _gate_input_grad(
-            grad_gates + t * 4 * h_step, w_hh, grad_hs + (ROUNDS // 2) * grad_hs_stride, rows, n_rows,
+            grad_gates + 4 * h_at, w_hh, grad_hs + (ROUNDS // 2) * grad_hs_stride, rows, n_rows,
             H_SIZE, H_SIZE, ACC, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         tl.debug_barrier()
         if ROUNDS > 0:
             _mogrify_backward_kernel(
-                xs + t * x_step, hs + t * h_step, sig_x + t * x_step, sig_h + t * h_step,
-                grad_xs, grad_hs, dz_x + t * x_step, dz_h + t * h_step,
-                dinner + t * n_rows * RANK, maps_x, maps_h, factors_x, factors_h,
+                xs + x_at, hs + h_at, sig_x + x_at, sig_h + h_at,
+                grad_xs, grad_hs, dz_x + x_at, dz_h + h_at,
+                dinner + first * RANK, maps_x, maps_h, factors_x, factors_h,
                 xs_stride, hs_stride, sig_x_stride, sig_h_stride, grad_xs_stride,
                 grad_hs_stride, dz_x_stride, dz_h_stride, dinner_stride,
                 maps_x_stride, maps_h_stride, factors_x_stride, factors_h_stride, n_rows,
@@ -217,30 +231,30 @@ def _persistent_backward_kernel(
         for k0 in range(0, X_SIZE, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             ok = (rows < n_rows)[:, None] & (k < X_SIZE)[None, :]
-            tl.store(grad_x + t * x_step + rows[:, None] * X_SIZE + k[None, :],
+            tl.store(grad_x + x_at + rows[:, None] * X_SIZE + k[None, :],
                      _load_tile(grad_xs, rows, k, X_SIZE, rows < n_rows), mask=ok)  # fmt: skip
         tl.debug_barrier()
 
 
 def persistent_forward(
     maps: StackedMaps, buffers: MogrifyBuffers, w_ih: Tensor, w_hh: Tensor,
-    bias: Tensor | None, gates: Tensor, cells: Tensor, output: Tensor, steps: int,
+    bias: Tensor | None, gates: Tensor, cells: Tensor, output: Tensor, steps: StepRows,
 ) -> None:  # fmt: skip
-    """All ``steps`` steps of a padded batch in one launch: reads xs[0] (the inputs), hs[0]'s
-    first B rows (h0) and cells' (c0); writes the rest of ``buffers`` (R = T·B rows), gates
-    (R, 4H), cells (B + R, H) past c0 and output (R, H)."""
+    """Every step in one launch, each on its rows (``steps``): reads xs[0] (the inputs), hs[0]'s
+    first B rows (h0) and cells' (c0); writes the rest of ``buffers`` (R rows), gates (R, 4H),
+    cells (B + R, H) past c0 and output (R, H)."""
     xs, hs, sig_x, sig_h, inner = buffers
-    rows, big_i = xs.shape[1] // steps, xs.shape[2]
+    rows, big_i = steps.batch, xs.shape[2]
     big_h, dummy = hs.shape[-1], xs
     _persistent_forward_kernel[(triton.cdiv(rows, BLOCK_B),)](
         xs, hs, _or(sig_x, dummy), _or(sig_h, dummy), _or(inner, dummy),
         _or(maps.maps_x, dummy), _or(maps.maps_h, dummy),
         _or(maps.factors_x, dummy), _or(maps.factors_h, dummy),
         _or(maps.bias_x, dummy), _or(maps.bias_h, dummy),
-        w_ih, w_hh, _or(bias, dummy), gates, cells, output,
+        w_ih, w_hh, _or(bias, dummy), gates, cells, output, *steps.tables(xs.device),
         xs.stride(0), hs.stride(0), _stride(sig_x), _stride(sig_h), _stride(inner),
         _stride(maps.maps_x), _stride(maps.maps_h),
-        _stride(maps.factors_x), _stride(maps.factors_h), rows, steps,
+        _stride(maps.factors_x), _stride(maps.factors_h), steps.steps,
         X_SIZE=big_i, H_SIZE=big_h, RANK=maps.rank, ROUNDS=maps.rounds,
         HAS_BIAS=maps.bias_x is not None, GATE_BIAS=bias is not None,
         ACC=accumulator(xs.dtype), PRECISION=dot_precision(xs.dtype), **_blocks(maps, big_i, big_h),
@@ -250,12 +264,12 @@ def persistent_forward(
 def persistent_backward(
     maps: StackedMaps, buffers: MogrifyBuffers, w_ih: Tensor, w_hh: Tensor, gates: Tensor,
     cells: Tensor, grad_output: Tensor, grad_xs: Tensor, grad_hs: Tensor, grad_cell: Tensor,
-    grad_gates: Tensor, dz_x: Tensor, dz_h: Tensor, dinner: Tensor, grad_x: Tensor, steps: int,
+    grad_gates: Tensor, dz_x: Tensor, dz_h: Tensor, dinner: Tensor, grad_x: Tensor,
+    steps: StepRows,
 ) -> None:  # fmt: skip
-    """All ``steps`` steps of the backward of a padded batch in one launch (see
-    ``_persistent_backward_kernel``)."""
+    """Every step of the backward in one launch (see ``_persistent_backward_kernel``)."""
     xs, hs, sig_x, sig_h, _ = buffers
-    rows, big_i = xs.shape[1] // steps, xs.shape[2]
+    rows, big_i = steps.batch, xs.shape[2]
     big_h, dummy = hs.shape[-1], xs
     _persistent_backward_kernel[(triton.cdiv(rows, BLOCK_B),)](
         xs, hs, _or(sig_x, dummy), _or(sig_h, dummy),
@@ -263,10 +277,11 @@ def persistent_backward(
         _or(maps.factors_x, dummy), _or(maps.factors_h, dummy), w_ih, w_hh, gates, cells,
         grad_output, grad_xs, grad_hs, grad_cell, grad_gates,
         _or(dz_x, dummy), _or(dz_h, dummy), _or(dinner, dummy), grad_x,
+        *steps.tables(xs.device),
         xs.stride(0), hs.stride(0), _stride(sig_x), _stride(sig_h),
         grad_xs.stride(0), grad_hs.stride(0), _stride(dz_x), _stride(dz_h), _stride(dinner),
         _stride(maps.maps_x), _stride(maps.maps_h),
-        _stride(maps.factors_x), _stride(maps.factors_h), rows, steps,
+        _stride(maps.factors_x), _stride(maps.factors_h), steps.steps,
         X_SIZE=big_i, H_SIZE=big_h, RANK=maps.rank, ROUNDS=maps.rounds,
         ACC=accumulator(xs.dtype), PRECISION=dot_precision(xs.dtype), **_blocks(maps, big_i, big_h),
     )  # fmt: skip
