@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import PackedSequence
 from mogrifier_fast import backends
 from mogrifier_fast.backends import fused_chain
 from mogrifier_fast.backends.fused import run_fused
+from mogrifier_fast.backends.layout import StepRows
 from mogrifier_fast.mogrify import LayerParams, RoundMap, Sequence, State, mogrifier_lstm_step
 
 _LSTM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -397,7 +398,7 @@ class MogrifierLSTM(_MogrifierBase):
         backend = backends.resolve(self.backend, seq.data.device, features)
         reversal = None
         if self.bidirectional and seq.packed:
-            reversal = _reversal_index(packed.batch_sizes).to(seq.data.device)
+            reversal = StepRows(seq).reversed_rows.to(seq.data.device)
         data, h_n, c_n = seq.data, [], []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -435,18 +436,6 @@ class MogrifierLSTM(_MogrifierBase):
         if not batched:
             return data.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (data.transpose(0, 1) if self.batch_first else data), (h_n, c_n)
-
-
-def _reversal_index(batch_sizes: Tensor) -> Tensor:
-    """For a packed batch's rows, the row of the same sequence at the mirrored step within its
-    own length: (t, b) -> (length_b - 1 - t, b). Gathering by it reverses every sequence (and
-    gathering again restores them)."""
-    sizes = batch_sizes.to(torch.int64)
-    offsets = sizes.cumsum(0) - sizes
-    step = torch.arange(len(sizes)).repeat_interleave(sizes)
-    row = torch.arange(int(sizes.sum())) - offsets[step]
-    lengths = (sizes[None, :] > torch.arange(int(sizes[0]))[:, None]).sum(1)
-    return offsets[lengths[row] - 1 - step] + row
 
 
 class MogrifierLSTMCell(_MogrifierBase):

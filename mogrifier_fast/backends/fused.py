@@ -267,7 +267,7 @@ class _Weights:
     made on first use: gate weights with the final states' scales folded into their columns
     and the g rows doubled (tanh(g) = 2σ(2g) − 1), as one (4H, I+P) matrix for [x, h]."""
 
-    def __init__(self, structure: _Structure, flat: tuple, rows: StepRows, like: Tensor) -> None:
+    def __init__(self, structure: _Structure, flat: tuple, rows: StepRows) -> None:
         s, big_h = structure, structure.hidden_size
         (self.w_ih, self.w_hh, self.b_ih, self.b_hh), maps, self.w_hr = _unflatten(s, flat)
         x_final, h_final = s.final_states()
@@ -279,7 +279,7 @@ class _Weights:
             for j, m in enumerate(s.map_of_round, start=1)
         ]
         self.native = None
-        if fused_chain.usable(like):
+        if fused_chain.usable(rows.seq.data):
             self.native = fused_chain.NativeCall.prepare(
                 [self.w_ih, self.w_hh, self.b_ih, self.b_hh,
                  *(t for r in self.rounds for t in (*r.factors, r.bias)), self.w_hr],
@@ -403,20 +403,17 @@ class _Saved:
 
 
 def _forward(
-    structure: _Structure,
-    seq: Sequence,
-    rows: StepRows,
-    state: State,
-    weights: _Weights,
-    keep: bool = True,
+    structure: _Structure, rows: StepRows, state: State, weights: _Weights, keep: bool = True
 ) -> tuple[Tensor, Tensor, _Saved]:
-    """Run the whole sequence -> output (R, P), each sequence's last c (B, H), saved buffers.
+    """Run the whole sequence ``rows.seq`` -> output (R, P), each sequence's last c (B, H),
+    saved buffers.
 
     Without ``keep`` (inference) nothing is kept for a backward: each step reuses one set of
     state buffers, so memory does not grow with T beyond the output."""
     s, steps, batch, r = structure, rows.steps, rows.batch, structure.rounds
     big_i, big_h = s.input_size, s.hidden_size
     h0, c0 = state
+    seq = rows.seq
     x = seq.data
     saved = _Saved.empty(s, weights.ranks, rows, x, keep)
     output = x.new_empty(rows.total, s.state_size)
@@ -478,7 +475,7 @@ def _forward(
         if h_final == 0 and t + 1 < steps:
             h_half[t + 1].copy_(out[t][: sizes[t + 1]])
     if keep:
-        last_cells = saved.cells2[batch:].index_select(0, rows.last_rows.to(x.device))
+        last_cells = rows.at_last_step(saved.cells2[batch:])
     else:  # each sequence's last cell is in the block its last step wrote
         index = (rows.lengths % 2) * batch + torch.arange(batch)
         last_cells = saved.cells2.index_select(0, index.to(x.device))
@@ -673,17 +670,15 @@ class _FusedSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, structure: _Structure, rows: StepRows, x: Tensor, h0: Tensor, c0: Tensor,
                 *flat: Tensor | None):  # fmt: skip
-        seq = Sequence(x, rows.seq.batch_sizes)
-        weights = _Weights(structure, flat, rows, x)
-        output, c_last, saved = _forward(structure, seq, rows, State(h0, c0), weights)
+        weights = _Weights(structure, flat, rows)
+        output, c_last, saved = _forward(structure, rows, State(h0, c0), weights)
         ctx.structure, ctx.rows, ctx.weights = structure, rows, weights
         # The parameters are saved only so that autograd refuses a backward after they were
         # changed in place (the folded copies in ctx.weights would hide that).
         params = [t for t in flat if t is not None]
         ctx.save_for_backward(x, h0, output, *params, *saved.tensors())
         ctx.param_count = len(params)
-        h_last = output.index_select(0, rows.last_rows.to(x.device))
-        return rows.laid_out(output), h_last, c_last
+        return rows.laid_out(output), rows.at_last_step(output), c_last
 
     @staticmethod
     @torch.compiler.disable
@@ -714,10 +709,9 @@ def run_fused(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor,
         output, h, c = _FusedSequence.apply(structure, rows, x, h0, c0, *flat)
         return output, State(h, c)
     with torch.no_grad():
-        weights = _Weights(structure, tuple(flat), rows, x)
-        output, c_last, _ = _forward(structure, rows.seq, rows, State(h0, c0), weights, keep=False)
-        h_last = output.index_select(0, rows.last_rows.to(x.device))
-        return rows.laid_out(output), State(h_last, c_last)
+        weights = _Weights(structure, tuple(flat), rows)
+        output, c_last, _ = _forward(structure, rows, State(h0, c0), weights, keep=False)
+        return rows.laid_out(output), State(rows.at_last_step(output), c_last)
 
 
 BACKEND = Backend(name="fused", run=run_fused)

@@ -4,8 +4,8 @@ A call's buffers hold its rows step after step, (R, ·): step t's B_t rows (a pr
 batch's B, sequences sorted longest first) start at row ``offsets[t]``; a padded batch is the
 case B_t = B (R = T·B, and its (R, ·) buffers are the (T, B, ·) ones). Values carried from one
 step to the next (h, c) are stacked as [their B starting rows; each step's rows] (B + R rows):
-:meth:`StepRows.previous` reads the rows a step starts from, :attr:`StepRows.last_rows` each
-sequence's last step.
+:meth:`StepRows.previous` reads the rows a step starts from, :meth:`StepRows.at_last_step`
+each sequence's last step.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ class StepRows:
         self.seq = seq
         self.batch, self.steps = seq.batch, seq.steps
         self.sizes = seq.batch_sizes or (self.batch,) * self.steps
-        self.total = sum(self.sizes)
+        # starts[t]: step t's first row; starts[T] = R.
+        self.starts = [0]
+        for n in self.sizes:
+            self.starts.append(self.starts[-1] + n)
+        self.total = self.starts[-1]
 
     def per_step(self, buffer: Tensor) -> list[Tensor]:
         """An (R, ·) buffer's view for each step, (B_t, ·)."""
@@ -35,7 +39,7 @@ class StepRows:
 
     def span(self, begin: int, end: int) -> slice:
         """The rows of steps [begin, end)."""
-        return slice(sum(self.sizes[:begin]), sum(self.sizes[:end]))
+        return slice(self.starts[begin], self.starts[end])
 
     def laid_out(self, rows: Tensor) -> Tensor:
         """An (R, ·) result in the input's layout: (T, B, ·) when padded."""
@@ -53,21 +57,38 @@ class StepRows:
 
     @functools.cached_property
     def offsets(self) -> Tensor:
-        sizes = torch.tensor(self.sizes)
-        return sizes.cumsum(0) - sizes
+        """Each step's first row (T,)."""
+        return torch.tensor(self.starts[:-1])
+
+    @functools.cached_property
+    def _step_and_sequence(self) -> tuple[Tensor, Tensor]:
+        """For each row, its step and its sequence (R,), (R,)."""
+        step = torch.arange(self.steps).repeat_interleave(torch.tensor(self.sizes))
+        return step, torch.arange(self.total) - self.offsets[step]
 
     @functools.cached_property
     def last_rows(self) -> Tensor:
         """Each sequence's row at its own last step (B,)."""
         return self.offsets[self.lengths - 1] + torch.arange(self.batch)
 
+    def at_last_step(self, rows: Tensor) -> Tensor:
+        """Each sequence's row of an (R, ·) buffer at its own last step, (B, ·)."""
+        return rows.index_select(0, self.last_rows.to(rows.device))
+
     @functools.cached_property
     def previous_rows(self) -> Tensor:
         """For each row, its previous step's row in [h_0 (B rows); output (R rows)] (R,)."""
-        step = torch.arange(self.steps).repeat_interleave(torch.tensor(self.sizes))
-        row = torch.arange(self.total) - self.offsets[step]
-        previous = self.batch + self.offsets[(step - 1).clamp(min=0)] + row
-        return torch.where(step == 0, row, previous)
+        step, sequence = self._step_and_sequence
+        previous = self.batch + self.offsets[(step - 1).clamp(min=0)] + sequence
+        return torch.where(step == 0, sequence, previous)
+
+    @functools.cached_property
+    def reversed_rows(self) -> Tensor:
+        """For each row, the row of the same sequence at the mirrored step within its own
+        length, (t, b) -> (length_b - 1 - t, b) (R,): gathering by it reverses every sequence,
+        and gathering again restores them."""
+        step, sequence = self._step_and_sequence
+        return self.offsets[self.lengths[sequence] - 1 - step] + sequence
 
     def previous(self, stacked: Tensor, span: slice) -> Tensor:
         """Rows ``span`` of a per-row value taken from the step before, for ``stacked`` =
@@ -86,7 +107,7 @@ class StepRows:
         its first row, and the first row of the cell it starts from (then of the one the last
         step writes) in [c_0 (B rows); each step's (R rows)], as int32 tensors on ``device``."""
         counts = [*self.sizes, 0]
-        firsts = self.offsets.tolist()
+        firsts = self.starts[:-1]
         cells = [0, *(self.batch + f for f in firsts)]
         return tuple(
             torch.tensor(values, dtype=torch.int32, device=device)

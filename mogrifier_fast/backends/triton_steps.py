@@ -138,8 +138,7 @@ class _TritonSequence(torch.autograd.Function):
 
 def _final_state(rows: StepRows, output: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]:
     """Each sequence's h and c after its own last step (B, H)."""
-    last = rows.last_rows.to(output.device)
-    return output.index_select(0, last), cells[rows.batch :].index_select(0, last)
+    return rows.at_last_step(output), rows.at_last_step(cells[rows.batch :])
 
 
 def run_sequence(
