@@ -43,18 +43,16 @@ SM_COUNT = {90: 132, 80: 108}
 SIZES = {
     # T, batch, input, hidden, rounds, rank, shared maps
     "gpu": dict(steps=70, batch=64, input_size=512, hidden_size=512, rounds=5),
-    "seed": dict(
-        steps=500, batch=32, input_size=50, hidden_size=125, rounds=5, share_rounds=True
-    ),
+    "seed": dict(steps=500, batch=32, input_size=50, hidden_size=125, rounds=5, share_rounds=True),
     "paper": dict(steps=70, batch=64, input_size=1000, hidden_size=1000, rounds=5, rank=84),
 }
 # One small configuration per kernel path (dense and low-rank maps, narrow states in one launch
 # and wide ones a launch per round, both persistent kernels): what the CI test compiles.
 QUICK_SIZES = {
     "small-dense": dict(steps=3, batch=8, input_size=24, hidden_size=40, rounds=5),
-    "small-wide-lowrank": dict(
-        steps=3, batch=8, input_size=264, hidden_size=272, rounds=4, rank=8
-    ),
+    # Three rounds: x-rounds 1 and 3 and h-round 2, each its own launch (keeps the test near a
+    # minute: every round is a kernel to compile).
+    "small-wide-lowrank": dict(steps=3, batch=8, input_size=264, hidden_size=272, rounds=3, rank=8),
 }
 
 
@@ -142,13 +140,19 @@ def ptxas_report(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
-def run_backend(backend: str, size: dict, mode: str, dtype) -> None:
-    """One layer's call (and backward in training) through ``backend``'s kernels, on CPU."""
+BACKENDS = ("triton", "persistent[rows]", "persistent[grid]")
+
+
+def run_backend(backend: str, size: dict, mode: str, dtype, programs: int) -> None:
+    """One layer's call (and backward in training) through ``backend``'s kernels, on CPU: one of
+    :data:`BACKENDS`, a persistent backend with its plan; ``programs``: the grid plan's (the
+    GPU's SMs)."""
     import torch
 
     import mogrifier_fast as mf
     from mogrifier_fast.backends.persistent import run_persistent
     from mogrifier_fast.backends.triton_steps import run_sequence
+    from mogrifier_fast.kernels import persistent
     from mogrifier_fast.mogrify import Sequence, State
 
     options = {k: size[k] for k in ("rounds", "rank", "share_rounds") if k in size}
@@ -162,7 +166,12 @@ def run_backend(backend: str, size: dict, mode: str, dtype) -> None:
     x = torch.randn(size["steps"], size["batch"], size["input_size"], dtype=dtype)
     x.requires_grad_(training)
     zeros = torch.zeros(size["batch"], size["hidden_size"], dtype=dtype)
-    run = run_persistent if backend == "persistent" else run_sequence
+    if backend.startswith("persistent"):
+        os.environ["MOGRIFIER_PERSISTENT_PLAN"] = backend[len("persistent[") : -1]
+        persistent.grid_programs = lambda device: programs
+        run = run_persistent
+    else:
+        run = run_sequence
     with torch.set_grad_enabled(training):
         output, state = run(Sequence(x), State(zeros, zeros), params)
     if training:
@@ -170,8 +179,9 @@ def run_backend(backend: str, size: dict, mode: str, dtype) -> None:
 
 
 def compile_matrix(
-    capability: int, sizes: dict[str, dict], modes: list[str], dtypes: list[str]
-) -> list[KernelRow]:
+    capability: int, sizes: dict[str, dict], modes: list[str], dtypes: list[str],
+    backends: tuple[str, ...] = BACKENDS,
+) -> list[KernelRow]:  # fmt: skip
     """One row per distinct compiled kernel over sizes x modes x dtypes x backends."""
     import torch
     import triton
@@ -181,12 +191,12 @@ def compile_matrix(
         for mode in modes:
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
-                for backend in ("triton", "persistent"):
+                for backend in backends:
                     seen: set[int] = set()
                     error = ""
                     with compile_only(capability) as launches:
                         try:
-                            run_backend(backend, size, mode, dtype)
+                            run_backend(backend, size, mode, dtype, SM_COUNT[capability])
                         except Exception as failure:  # a compile error is a result to report
                             error = f"{type(failure).__name__}: {str(failure)[:200]}"
                     if error and not launches:
@@ -214,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="90,80", help="compute capabilities (default 90,80)")
     parser.add_argument("--quick", action="store_true", help="one small configuration per path")
-    parser.add_argument("--out", type=Path, default=None, help="write gpu-kernels-sm<arch>.csv here")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help=f"of {', '.join(BACKENDS)} (default all)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write gpu-kernels-sm<arch>.csv here"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET"):
         parser.error("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
     failed = False
     for arch in (int(a) for a in args.arch.split(",")):
-        rows = compile_matrix(arch, sizes, modes, dtypes)
+        rows = compile_matrix(arch, sizes, modes, dtypes, tuple(args.backends.split(",")))
         for row in rows:
             flag = "" if row.clean else "  <-- " + (row.error or "spills / shared memory")
             print(

@@ -7,11 +7,17 @@ in the GPU's L2) runs step by step instead, said once per layer shape in the ``m
 log. A packed batch runs in the same single launch, each step on its own rows (the kernels
 read each step's row count and first row from small tables). On a CUDA device calls are
 replayed from CUDA graphs like the other Triton backends.
+
+Two plans run the same kernels (see the kernels' module): ``"rows"``, one program per block of
+16 batch rows, and ``"grid"``, a cooperative launch over up to one program per SM with a
+grid-wide barrier between phases. :func:`choose_plan` picks one per call;
+``MOGRIFIER_PERSISTENT_PLAN=rows|grid`` forces it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from torch import Tensor
 
@@ -19,7 +25,7 @@ from mogrifier_fast.backends import Backend
 from mogrifier_fast.backends.cuda_graphs import graphed
 from mogrifier_fast.backends.triton_steps import run_sequence
 from mogrifier_fast.kernels import kernel_unavailable_reason
-from mogrifier_fast.kernels.persistent import _persistent_forward_kernel
+from mogrifier_fast.kernels.persistent import PLANS, _persistent_forward_kernel
 from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 # The most weight bytes a layer-direction may have to run persistently (about two thirds of an
@@ -40,8 +46,21 @@ def weight_bytes(params: LayerParams) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def choose_plan(seq: Sequence, params: LayerParams) -> str:
+    """The persistent plan for a call: ``MOGRIFIER_PERSISTENT_PLAN`` where set, else "grid"
+    (the rows plan uses one program per 16 batch rows, so at most a few SMs of a GPU)."""
+    forced = os.environ.get("MOGRIFIER_PERSISTENT_PLAN")
+    if forced:
+        if forced not in PLANS:
+            raise ValueError(
+                f"MOGRIFIER_PERSISTENT_PLAN: expected one of {list(PLANS)}, got {forced!r}"
+            )
+        return forced
+    return "grid"
+
+
 def run_persistent(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
-    """One layer, one direction, padded input without projections (see
+    """One layer, one direction, padded or packed input without projections (see
     :mod:`mogrifier_fast.backends` for the contract)."""
     size = weight_bytes(params)
     if size > MAX_WEIGHT_BYTES:
@@ -54,7 +73,7 @@ def run_persistent(seq: Sequence, state: State, params: LayerParams) -> tuple[Te
                 size / 2**20, MAX_WEIGHT_BYTES / 2**20,
             )  # fmt: skip
         return run_sequence(seq, state, params)
-    return run_sequence(seq, state, params, persistent=True)
+    return run_sequence(seq, state, params, plan=choose_plan(seq, params))
 
 
 BACKEND = Backend(

@@ -32,11 +32,11 @@ from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 def _forward(
     rows: StepRows, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-    bias: Tensor | None, maps: StackedMaps, persistent: bool,
+    bias: Tensor | None, maps: StackedMaps, plan: str | None,
 ) -> tuple[Tensor, Tensor, Tensor, MogrifyBuffers]:  # fmt: skip
     """x: (R, I) (every step's rows), h0, c0: (B, H) -> output (R, H), cells (B + R, H) = c_0
-    then every step's c, gate pre-activations (R, 4H), and the rounds' buffers; step by step,
-    or in one ``persistent`` launch."""
+    then every step's c, gate pre-activations (R, 4H), and the rounds' buffers; step by step
+    (``plan`` None), or in one persistent launch of that plan ("rows" or "grid")."""
     batch, big_h = h0.shape
     buffers = MogrifyBuffers.empty(maps.rounds, maps.rank, rows.total, x.shape[1], big_h, x)
     buffers.xs[0].copy_(x)
@@ -45,8 +45,8 @@ def _forward(
     cells = x.new_empty(batch + rows.total, big_h)
     cells[:batch].copy_(c0)
     output = x.new_empty(rows.total, big_h)
-    if persistent:
-        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output, rows)
+    if plan is not None:
+        persistent_forward(maps, buffers, w_ih, w_hh, bias, gates, cells, output, rows, plan)
         return output, cells, gates, buffers
     x_final, h_final = buffers.xs[-1], buffers.hs[-1]
     sizes = rows.sizes
@@ -74,22 +74,21 @@ def _forward(
 
 class _TritonSequence(torch.autograd.Function):
     """One layer-direction over a whole sequence, step by step or persistent (the first
-    argument); the same buffers, backward chain and weight-gradient products either way."""
+    argument: None or the persistent plan); the same buffers, backward chain and weight-gradient
+    products either way."""
 
     @staticmethod
-    def forward(ctx, persistent, rows, x, h0, c0, w_ih, w_hh, bias, *map_tensors):
+    def forward(ctx, plan, rows, x, h0, c0, w_ih, w_hh, bias, *map_tensors):
         maps = StackedMaps(*map_tensors)
-        output, cells, gates, buffers = _forward(
-            rows, x, h0, c0, w_ih, w_hh, bias, maps, persistent
-        )
-        ctx.persistent, ctx.rows, ctx.has_bias = persistent, rows, bias is not None
+        output, cells, gates, buffers = _forward(rows, x, h0, c0, w_ih, w_hh, bias, maps, plan)
+        ctx.plan, ctx.rows, ctx.has_bias = plan, rows, bias is not None
         ctx.present, present_maps = maps.saved()
         ctx.save_for_backward(w_ih, w_hh, cells, gates, *buffers, *present_maps)
         return output, *_final_state(rows, output, cells)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
-        name = "persistent" if ctx.persistent else "triton"
+        name = "triton" if ctx.plan is None else "persistent"
         refuse_double_backward(name)
         rows: StepRows = ctx.rows
         w_ih, w_hh, cells, gates, *rest = ctx.saved_tensors
@@ -106,10 +105,10 @@ class _TritonSequence(torch.autograd.Function):
         grad_hs[0].copy_(grad_h)
         grad_cell = grad_c.clone()
         grad_x = xs.new_empty(xs.shape[1:])
-        if ctx.persistent:
+        if ctx.plan is not None:
             persistent_backward(
                 maps, buffers, w_ih, w_hh, gates, cells, grad_output, grad_xs, grad_hs,
-                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x, rows,
+                grad_cell, grad_gates, dz_x, dz_h, dinner, grad_x, rows, ctx.plan,
             )  # fmt: skip
         else:
             for t in range(rows.steps - 1, -1, -1):
@@ -142,11 +141,11 @@ def _final_state(rows: StepRows, output: Tensor, cells: Tensor) -> tuple[Tensor,
 
 
 def run_sequence(
-    seq: Sequence, state: State, params: LayerParams, persistent: bool = False
+    seq: Sequence, state: State, params: LayerParams, plan: str | None = None
 ) -> tuple[Tensor, State]:
-    """One layer, one direction without projections, padded or (step by step) packed (see
-    :mod:`mogrifier_fast.backends` for the contract)."""
-    check_dtype("persistent" if persistent else "triton", seq.data)
+    """One layer, one direction without projections, padded or packed, step by step or (with a
+    ``plan``) persistent (see :mod:`mogrifier_fast.backends` for the contract)."""
+    check_dtype("triton" if plan is None else "persistent", seq.data)
     maps = StackedMaps.from_params(params)
     bias = None if params.b_ih is None else params.b_ih + params.b_hh
     rows = StepRows(seq)
@@ -154,9 +153,9 @@ def run_sequence(
     h0, c0 = (t.contiguous() for t in state)
     args = (x, h0, c0, params.w_ih, params.w_hh, bias)
     if needs_backward(*args, *maps):
-        output, h, c = _TritonSequence.apply(persistent, rows, *args, *maps)
+        output, h, c = _TritonSequence.apply(plan, rows, *args, *maps)
         return rows.laid_out(output), State(h, c)
-    output, cells, _, _ = _forward(rows, *args, maps, persistent)
+    output, cells, _, _ = _forward(rows, *args, maps, plan)
     return rows.laid_out(output), State(*_final_state(rows, output, cells))
 
 
