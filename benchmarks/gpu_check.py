@@ -13,7 +13,9 @@ it writes to OUT_DIR:
   reference loop in the same precision;
 * ``tests-compile.txt``: the ``compile`` backend's float32 cases (it compiles per configuration);
 * the benchmark's ``gpu`` preset (T=70, batch 64, I=H=512, r=5; the seed notebook's and the
-  paper's sizes), training and inference: ``cuda-<gpu>.csv`` and ``cuda-<gpu>-gpu.md``.
+  paper's sizes), training and inference: ``cuda-<gpu>.csv`` and ``cuda-<gpu>-gpu.md``;
+* ``predicted-vs-measured.csv``: each measured median next to the H200 model's prediction
+  (``mogrifier_fast.predict``) for the configurations, modes and candidates both have.
 
 Each phase has a time limit; a phase that fails or runs out of time is logged and the next one
 still runs. The exit status is 0 only if every phase passed. ``--smoke`` runs a seconds-long
@@ -90,6 +92,24 @@ def phase(
     return status == 0
 
 
+def write_predicted_vs_measured(log, out: Path, device: str) -> None:
+    """predicted-vs-measured.csv from the benchmark's CSV in ``out`` (logged; never fatal)."""
+    measured = sorted(out.glob(f"{device}-*.csv"))
+    if not measured:
+        log.write("\n== predicted vs measured: no benchmark CSV, nothing compared\n")
+        return
+    try:
+        import pandas as pd
+
+        from mogrifier_fast.predict import predicted_vs_measured
+
+        frame = predicted_vs_measured(pd.read_csv(measured[0]))
+        frame.to_csv(out / "predicted-vs-measured.csv", index=False)
+        log.write(f"\n== predicted vs measured: {len(frame)} rows in predicted-vs-measured.csv\n")
+    except Exception as error:  # a comparison must not cost the run its other results
+        log.write(f"\n== predicted vs measured: failed ({type(error).__name__}: {error})\n")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory for the log, test output and CSVs")
@@ -132,6 +152,7 @@ def main(argv: list[str]) -> int:
                       "--candidates", ",".join([*backends, "nn.LSTM", "LSTMCell loop"]), "--out", str(out)],
                       limits[1], device),
             ]  # fmt: skip
+            write_predicted_vs_measured(log, out, device)
             if not args.smoke:
                 results.append(
                     phase(log, "compile backend tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -718,8 +718,16 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("bench-results"),
-        help="directory of the CSV and markdown files (default bench-results)",
+        default=None,
+        help="directory of the CSV and markdown files (default bench-results; with --predict: "
+        "only printed unless given)",
+    )
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="measure nothing: print the modelled time of the GPU backends and nn.LSTM on one "
+        "NVIDIA H200 for the grid's configurations (float32, tf32, bfloat16 unless --dtype; "
+        "see mogrifier_fast.predict), and write --out/predicted-h200.csv when --out is given",
     )
     parser.add_argument(
         "--name",
@@ -877,6 +885,8 @@ def _slug(text: str) -> str:
 def run(args: argparse.Namespace) -> Path:
     """Run the grid the arguments ask for; return the CSV path."""
     device = resolve_device(args.device)
+    if args.out is None:
+        args.out = Path("bench-results")
     configs = grid_from_args(args)
     candidates = resolve_candidates(args.candidates, device, args.preset)
     _check_float32(candidates, configs)
@@ -938,7 +948,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.command = " ".join(["mogrifier-bench", *argv])
     try:
-        run(args)
+        if args.predict:
+            from mogrifier_fast import predict
+
+            predict.run(args)
+        else:
+            run(args)
     except ValueError as error:
         print(f"mogrifier-bench: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from torch import Tensor
 
 from mogrifier_fast.backends import Backend
 from mogrifier_fast.backends.cuda_graphs import graphed
 from mogrifier_fast.backends.triton_steps import run_sequence
 from mogrifier_fast.kernels import kernel_unavailable_reason
-from mogrifier_fast.kernels.persistent import PLANS, _persistent_forward_kernel
+from mogrifier_fast.kernels.persistent import PLANS, _persistent_forward_kernel, grid_programs
 from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
 # The most weight bytes a layer-direction may have to run persistently (about two thirds of an
@@ -34,6 +35,7 @@ MAX_WEIGHT_BYTES = 40 * 2**20
 
 logger = logging.getLogger("mogrifier_fast")
 _fallbacks_logged: set[tuple] = set()
+_plans: dict[tuple, str] = {}  # choose_plan's answers, by layer sizes and GPU
 
 
 def weight_bytes(params: LayerParams) -> int:
@@ -47,8 +49,9 @@ def weight_bytes(params: LayerParams) -> int:
 
 
 def choose_plan(seq: Sequence, params: LayerParams) -> str:
-    """The persistent plan for a call: ``MOGRIFIER_PERSISTENT_PLAN`` where set, else "grid"
-    (the rows plan uses one program per 16 batch rows, so at most a few SMs of a GPU)."""
+    """The persistent plan for a call: ``MOGRIFIER_PERSISTENT_PLAN`` where set; else, on a GPU, the
+    plan :func:`mogrifier_fast.predict.persistent_plan` predicts faster for this layer's sizes on
+    this GPU's SMs (no plan has been timed on a GPU yet); "grid" on CPU (the interpreter)."""
     forced = os.environ.get("MOGRIFIER_PERSISTENT_PLAN")
     if forced:
         if forced not in PLANS:
@@ -56,7 +59,27 @@ def choose_plan(seq: Sequence, params: LayerParams) -> str:
                 f"MOGRIFIER_PERSISTENT_PLAN: expected one of {list(PLANS)}, got {forced!r}"
             )
         return forced
-    return "grid"
+    data = seq.data
+    if data.device.type != "cuda":
+        return "grid"
+    key = (
+        seq.steps, seq.batch, params.w_ih.shape[1], params.cell_size, params.rounds,
+        params.maps[0].factors[0].shape[1] if params.rounds and params.maps[0].low_rank else None,
+        data.dtype, torch.is_grad_enabled() and (data.requires_grad or params.w_ih.requires_grad),
+        grid_programs(data.device),
+    )  # fmt: skip
+    if key not in _plans:
+        from mogrifier_fast.bench import Config
+        from mogrifier_fast.predict import persistent_plan
+
+        steps, batch, inputs, hidden, rounds, rank, dtype, training, sms = key
+        config = Config(
+            steps, batch, inputs, hidden, rounds, rank,
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+            mode="training" if training else "inference",
+        )  # fmt: skip
+        _plans[key] = persistent_plan(config, sms)
+    return _plans[key]
 
 
 def run_persistent(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
