@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import math
 import os
 import re
 import subprocess
@@ -187,36 +188,42 @@ def compile_matrix(
     import triton
 
     rows: list[KernelRow] = []
+
+    def record(launches, size_name: str, mode: str, dtype_name: str, backend: str, error: str):
+        if error and not launches:
+            rows.append(KernelRow("(none)", size_name, mode, dtype_name, backend,
+                                  f"sm_{capability}", 0, 0, 0, 0, 0, 0, 0,
+                                  triton.__version__, error))  # fmt: skip
+        seen: set[int] = set()
+        for name, grid, kernel in launches:
+            if id(kernel) in seen:
+                continue
+            seen.add(id(kernel))
+            registers, spills = ptxas_report(kernel.asm["ptx"], capability)
+            rows.append(KernelRow(
+                name, size_name, mode, dtype_name, backend, f"sm_{capability}",
+                math.prod(grid), kernel.metadata.num_warps, kernel.metadata.num_stages,
+                kernel.metadata.shared, SHARED_LIMIT[capability], registers, spills,
+                triton.__version__, error,
+            ))  # fmt: skip
+
+    from mogrifier_fast.kernels.persistent import barrier_check
+
+    with compile_only(capability) as launches:  # the grid barrier's self-test, over every SM
+        barrier_check(SM_COUNT[capability], 4, "cpu")
+    record(launches, "-", "-", "int32", "barrier", "")
     for size_name, size in sizes.items():
         for mode in modes:
             for dtype_name in dtypes:
                 dtype = getattr(torch, dtype_name)
                 for backend in backends:
-                    seen: set[int] = set()
                     error = ""
                     with compile_only(capability) as launches:
                         try:
                             run_backend(backend, size, mode, dtype, SM_COUNT[capability])
                         except Exception as failure:  # a compile error is a result to report
                             error = f"{type(failure).__name__}: {str(failure)[:200]}"
-                    if error and not launches:
-                        rows.append(KernelRow("(none)", size_name, mode, dtype_name, backend,
-                                              f"sm_{capability}", 0, 0, 0, 0, 0, 0, 0,
-                                              triton.__version__, error))  # fmt: skip
-                    for name, grid, kernel in launches:
-                        if id(kernel) in seen:
-                            continue
-                        seen.add(id(kernel))
-                        registers, spills = ptxas_report(kernel.asm["ptx"], capability)
-                        programs = 1
-                        for extent in grid:
-                            programs *= extent
-                        rows.append(KernelRow(
-                            name, size_name, mode, dtype_name, backend, f"sm_{capability}",
-                            programs, kernel.metadata.num_warps, kernel.metadata.num_stages,
-                            kernel.metadata.shared, SHARED_LIMIT[capability], registers, spills,
-                            triton.__version__, error,
-                        ))  # fmt: skip
+                    record(launches, size_name, mode, dtype_name, backend, error)
     return rows
 
 

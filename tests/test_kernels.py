@@ -183,6 +183,49 @@ def test_persistent_falls_back_to_step_by_step_once(monkeypatch, caplog) -> None
     assert len(fallbacks) == 1 and "MAX_WEIGHT_BYTES" in fallbacks[0].getMessage()
 
 
+PLAN_CASES = [
+    Case({"input_size": 6, "hidden_size": 20, "rounds": 5}, steps=3, batch=18, with_hx=True),
+    Case(
+        {"input_size": 5, "hidden_size": 7, "rounds": 4, "rank": 3},
+        steps=4,
+        batch=3,
+        lengths=(4, 1, 3),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("plan", ["rows", "grid"])
+def test_persistent_plans_match_oracle(plan: str, case: Case, monkeypatch) -> None:
+    """Both plans of the persistent kernels: rows (a program per row block; batch 18 makes two)
+    and grid (tiles spread over the programs; interpreted, one launch per step and phase)."""
+    monkeypatch.setenv("MOGRIFIER_PERSISTENT_PLAN", plan)
+    check_against_oracle("persistent", case, torch.float64)
+
+
+def test_persistent_plan_is_checked(monkeypatch) -> None:
+    from mogrifier_fast.backends.persistent import choose_plan
+
+    monkeypatch.setenv("MOGRIFIER_PERSISTENT_PLAN", "columns")
+    layer = mf.MogrifierLSTM(3, 4, backend="reference")
+    seq = Sequence(torch.zeros(2, 1, 3))
+    with pytest.raises(ValueError, match=r"MOGRIFIER_PERSISTENT_PLAN: expected one of \['rows', 'grid'\], got 'columns'"):  # fmt: skip
+        choose_plan(seq, layer.layer_params(0))
+    monkeypatch.delenv("MOGRIFIER_PERSISTENT_PLAN")
+    assert choose_plan(seq, layer.layer_params(0)) == "grid"  # the interpreter checks "grid"
+
+
+def test_grid_barrier_self_test() -> None:
+    """The barrier's self-test kernel and its expected sums (under the interpreter one program:
+    programs run one after another there, so a spin barrier over several would never open)."""
+    from mogrifier_fast.kernels.persistent import barrier_check
+
+    if DEVICE == "cpu":
+        assert barrier_check(1, 9, DEVICE)
+    else:
+        assert barrier_check(torch.cuda.get_device_properties(0).multi_processor_count, 50)
+
+
 def fake_make_graphed_callables(function, sample):
     """``torch.cuda.make_graphed_callables``'s contract on CPU: static input, output and
     gradient buffers, one set of saved activations (a replay overwrites the last one's)."""
