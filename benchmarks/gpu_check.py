@@ -7,13 +7,16 @@ no package registry, nothing installed): run from the source tree. Within about 
 it writes to OUT_DIR:
 
 * ``gpu_check.log``: the environment, each phase's command, time and exit status;
+* first, the grid barrier's self-test (every SM's program through 2000 barriers; if it fails or
+  hangs, the persistent backend's grid plan is left out of the later phases);
 * ``tests.txt``: ``tests/test_kernels.py`` and ``tests/test_backends.py`` on CUDA
   (``MOGRIFIER_TEST_DEVICE=cuda``) for every backend but ``compile``: float64 and float32 with
   TF32 off against the oracle (the README's tolerances), bf16 and TF32 no worse than the
   reference loop in the same precision;
 * ``tests-compile.txt``: the ``compile`` backend's float32 cases (it compiles per configuration);
 * the benchmark's ``gpu`` preset (T=70, batch 64, I=H=512, r=5; the seed notebook's and the
-  paper's sizes), training and inference: ``cuda-<gpu>.csv`` and ``cuda-<gpu>-gpu.md``;
+  paper's sizes), training and inference, with both persistent plans forced beside the backend's
+  own choice: ``cuda-<gpu>.csv`` and ``cuda-<gpu>-gpu.md``;
 * ``predicted-vs-measured.csv``: each measured median next to the H200 model's prediction
   (``mogrifier_fast.predict``) for the configurations, modes and candidates both have.
 
@@ -35,9 +38,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Seconds per phase, about five minutes in all.
-TESTS_LIMIT_S = 150
+BARRIER_LIMIT_S = 20
+TESTS_LIMIT_S = 130
 COMPILE_TESTS_LIMIT_S = 40
 BENCH_LIMIT_S = 110
+
+
+# The grid barrier's self-test (first: a barrier that does not hold would hang the persistent
+# grid plan): every SM's program through 2000 barriers, under the phase's time limit.
+BARRIER_CHECK = """
+import sys, torch
+from mogrifier_fast.kernels.persistent import barrier_check, grid_programs
+device = torch.device(sys.argv[1])
+programs = grid_programs(device) if device.type == "cuda" else 1  # the interpreter: one
+passed = barrier_check(programs, 2000, device)
+print(f"barrier self-test over {programs} programs, 2000 phases: {'passed' if passed else 'FAILED'}")
+sys.exit(0 if passed else 1)
+"""
 
 
 def environment() -> str:
@@ -127,11 +144,11 @@ def main(argv: list[str]) -> int:
     tests = ["tests/test_kernels.py", "tests/test_backends.py"]
     bench = ["--preset", "gpu"]
     limits = (TESTS_LIMIT_S, BENCH_LIMIT_S, COMPILE_TESTS_LIMIT_S)
+    plans = ["persistent[rows]", "persistent[grid]"]
     if args.smoke:
         tests = ["tests/test_backends.py", "-k", "triton and deterministic"]
-        # Not "compile": its first call compiles for tens of seconds and proves nothing here.
-        bench = ["--steps", "3", "--batch", "2", "--hidden-size", "8", "--repeats", "1",
-                 "--candidates", "reference,fused,triton,persistent,nn.LSTM,LSTMCell loop"]  # fmt: skip
+        bench = ["--steps", "3", "--batch", "2", "--hidden-size", "8", "--repeats", "1"]
+        plans = []
     else:
         tests += ["-k", "not compile"]
     with open(out / "gpu_check.log", "w") as log:
@@ -146,10 +163,18 @@ def main(argv: list[str]) -> int:
         else:
             backends = [b for b in mf.available_backends(device) if b != "compile"]
             results = [
+                phase(log, "grid barrier self-test", [python, "-c", BARRIER_CHECK, device],
+                      BARRIER_LIMIT_S, device),
+            ]  # fmt: skip
+            if not results[0]:  # keep the later phases from hanging on the grid plan
+                log.write("the grid plan is left out: MOGRIFIER_PERSISTENT_PLAN=rows\n")
+                os.environ["MOGRIFIER_PERSISTENT_PLAN"] = "rows"
+                plans = [p for p in plans if p != "persistent[grid]"]
+            results += [
                 phase(log, "differential tests", [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                       limits[0], device, out / "tests.txt"),
                 phase(log, "benchmark", [python, "-m", "mogrifier_fast.bench", *bench, "--device", device,
-                      "--candidates", ",".join([*backends, "nn.LSTM", "LSTMCell loop"]), "--out", str(out)],
+                      "--candidates", ",".join([*backends, *plans, "nn.LSTM", "LSTMCell loop"]), "--out", str(out)],
                       limits[1], device),
             ]  # fmt: skip
             write_predicted_vs_measured(log, out, device)

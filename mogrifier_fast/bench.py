@@ -6,7 +6,8 @@ backend of :class:`~mogrifier_fast.MogrifierLSTM` (the pure-Python ``reference``
 ``nn.LSTM`` (a plain LSTM of the same sizes: the ceiling) and ``LSTMCell loop`` (the usual user
 pattern: an ``nn.LSTMCell`` in a Python loop with one ``nn.Linear`` per round). On request also
 ``fused[<variant>]`` (backend ``fused`` with one variant of its C++ loops forced, or
-``fused[python]``, its Python loops) and ``MogrifierLSTMCell`` (stacked cells, stepped in a
+``fused[python]``, its Python loops), ``persistent[rows]`` / ``persistent[grid]`` (backend
+``persistent`` with its plan forced) and ``MogrifierLSTMCell`` (stacked cells, stepped in a
 Python loop). Mode ``generation`` times single-token generation: T=1 calls, the state carried.
 Rows are appended to one CSV per device, CPU model and default variant as each configuration
 finishes, so an interrupted run keeps every finished row.
@@ -48,6 +49,7 @@ LOOP = "LSTMCell loop"
 LSTM = "nn.LSTM"
 CELL = "MogrifierLSTMCell"
 FUSED = "fused"
+PERSISTENT = "persistent"
 REFERENCE = "reference"
 MODES = ("inference", "training", "generation")
 DEFAULT_MODES = ("inference", "training")  # what grids without a mode, and the presets, time
@@ -274,10 +276,41 @@ def variant_candidate(variant: str) -> str:
     return f"{FUSED}[{variant}]"
 
 
+def plan_of(name: str) -> str | None:
+    """The persistent plan a candidate name forces: "persistent[grid]" -> "grid", else None."""
+    prefix = f"{PERSISTENT}["
+    return name[len(prefix) : -1] if name.startswith(prefix) and name.endswith("]") else None
+
+
+@contextlib.contextmanager
+def _plan_forced(plan: str) -> Iterator[None]:
+    """Within: backend "persistent" runs ``plan`` (``MOGRIFIER_PERSISTENT_PLAN``)."""
+    saved = os.environ.get("MOGRIFIER_PERSISTENT_PLAN")
+    os.environ["MOGRIFIER_PERSISTENT_PLAN"] = plan
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MOGRIFIER_PERSISTENT_PLAN"]
+        else:
+            os.environ["MOGRIFIER_PERSISTENT_PLAN"] = saved
+
+
+def backend_of(name: str) -> str:
+    """The backend a candidate name runs: "fused[avx2]" -> "fused", "persistent[grid]" ->
+    "persistent", a backend's own name -> itself."""
+    if variant_of(name) is not None:
+        return FUSED
+    return PERSISTENT if plan_of(name) is not None else name
+
+
 def candidate_context(name: str) -> contextlib.AbstractContextManager:
-    """What a candidate's build and calls run within: its variant forced, or nothing."""
-    variant = variant_of(name)
-    return contextlib.nullcontext() if variant is None else fused_chain.variant(variant)
+    """What a candidate's build and calls run within: its C++ variant or persistent plan
+    forced, or nothing."""
+    variant, plan = variant_of(name), plan_of(name)
+    if variant is not None:
+        return fused_chain.variant(variant)
+    return contextlib.nullcontext() if plan is None else _plan_forced(plan)
 
 
 def build_model(name: str, config: Config, device: torch.device) -> nn.Module:
@@ -297,7 +330,7 @@ def build_model(name: str, config: Config, device: torch.device) -> nn.Module:
             rounds=config.rounds,
             rank=config.rank,
             share_rounds=config.share_rounds,
-            backend=FUSED if variant_of(name) is not None else name,
+            backend=backend_of(name),
         )
     return model.to(device=device, dtype=DTYPES[config.dtype])
 
@@ -554,7 +587,7 @@ def _measure(
         with candidate_context(name):
             model = build_model(name, config, device)
         function = step_function(model, x, config.mode)
-        if variant_of(name) is not None:
+        if backend_of(name) != name:
             function = _within(functools.partial(candidate_context, name), function)
         functions[name] = function
         warmup_s[name] = timer(functions[name])  # the first call: compilation, caches, allocation
@@ -704,7 +737,8 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
         "--candidates",
         type=_csv_list(str),
         help=f"what to time: backends, {LSTM!r}, {LOOP!r}, {CELL!r}, 'fused[<variant>]' (a "
-        "variant of the C++ loops forced, or 'fused[python]'); default: all available backends, "
+        "variant of the C++ loops forced, or 'fused[python]'), 'persistent[rows]' or "
+        "'persistent[grid]' (a persistent plan forced); default: all available backends, "
         f"{LSTM!r} and {LOOP!r}, or the preset's own (isa, generation)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -793,10 +827,12 @@ def _check_config(config: Config) -> None:
 
 def known_candidates(device: torch.device) -> list[str]:
     """Every candidate name that runs on ``device``: the available backends, on CPU
-    "fused[<variant>]" for each variant that runs here, then the Python-loop patterns."""
+    "fused[<variant>]" for each variant that runs here, "persistent[rows]" and
+    "persistent[grid]" where it runs, then the Python-loop patterns."""
     available = mf.available_backends(device)
     variants = fused_chain.variants() if device.type == "cpu" and FUSED in available else []
-    return [*available, *map(variant_candidate, variants), CELL, LSTM, LOOP]
+    plans = [f"{PERSISTENT}[{p}]" for p in ("rows", "grid")] if PERSISTENT in available else []
+    return [*available, *map(variant_candidate, variants), *plans, CELL, LSTM, LOOP]
 
 
 def isa_candidates() -> list[str]:
