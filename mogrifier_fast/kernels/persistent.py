@@ -360,7 +360,9 @@ def _persistent_forward_kernel(
         row_blocks = batch_row_blocks if OWN_ROWS else tl.cdiv(n_rows, BLOCK_B)
         x_at, h_at = first * X_SIZE, first * H_SIZE
         for j in tl.static_range(1, ROUNDS + 1):
-            if j % 2 == 1:  # x-round m reads h-state m
+            if RUN_PHASE >= 0 and j - 1 != RUN_PHASE // PHASES_PER_ROUND:
+                pass  # another round's phase (the interpreter's launches): nothing to form here
+            elif j % 2 == 1:  # x-round m reads h-state m
                 m = (j - 1) // 2
                 passed = _round_phases(
                     hs + m * hs_stride + h_at, xs + m * xs_stride + x_at,
@@ -463,7 +465,9 @@ def _persistent_backward_kernel(
         for back_j in tl.static_range(0, ROUNDS):
             j = ROUNDS - back_j
             phase = 2 + back_j * PHASES_PER_ROUND
-            if j % 2 == 1:  # x-round m: new x-state m + 1 from x-state m, reading h-state m
+            if RUN_PHASE >= 0 and back_j != (RUN_PHASE - 2) // PHASES_PER_ROUND:
+                pass  # another phase (the interpreter's launches): nothing to form here
+            elif j % 2 == 1:  # x-round m: new x-state m + 1 from x-state m, reading h-state m
                 m = (j - 1) // 2
                 passed = _round_backward_phases(
                     grad_xs + (m + 1) * grad_xs_stride, grad_xs + m * grad_xs_stride,
@@ -513,14 +517,21 @@ def _plan_meta(plan: str, maps: StackedMaps, input_size: int, hidden_size: int) 
     }  # fmt: skip
 
 
-def _most_tiles(meta: dict, rows: int) -> int:
-    """The most tiles any phase has, forward or backward, with every row running."""
-    row_blocks = triton.cdiv(rows, meta["BLOCK_B"])
-    widths = [
-        triton.cdiv(meta["X_SIZE"], meta["BLOCK_N"]) + triton.cdiv(meta["H_SIZE"], meta["BLOCK_N"]),
-        triton.cdiv(max(meta["RANK"], 1), meta["BLOCK_R"]),
-    ]  # fmt: skip
-    return row_blocks * max(widths)
+def grid_size(tiles: int, most: int) -> int:
+    """Programs for a phase of ``tiles`` tiles on at most ``most`` programs: as few as deal the
+    tiles in the same number of rounds, so every program takes as many (256 tiles on 132 SMs:
+    128 programs, two tiles each)."""
+    return triton.cdiv(tiles, triton.cdiv(tiles, most))
+
+
+def _most_tiles(meta: dict, rows: int, backward: bool) -> int:
+    """The most tiles a phase of the forward or of the backward has, every row running (the
+    backward's widest phase forms the gradients of x and h together)."""
+    cdiv, n = triton.cdiv, meta["BLOCK_N"]
+    widths = [cdiv(meta["X_SIZE"], n), cdiv(meta["H_SIZE"], n), cdiv(max(meta["RANK"], 1), n)]
+    if backward:
+        widths.append(widths[0] + widths[1])
+    return cdiv(rows, meta["BLOCK_B"]) * max(widths)
 
 
 def _launch(kernel, plan: str, meta: dict, args: tuple, steps: int, phases: int, rows: int,
@@ -536,7 +547,8 @@ def _launch(kernel, plan: str, meta: dict, args: tuple, steps: int, phases: int,
         kernel[(row_blocks,)](*args, counter, *extra, 0, steps, row_blocks, GRID=False,
                               RUN_PHASE=-1, **meta, **options)  # fmt: skip
         return
-    programs = min(grid_programs(device), _most_tiles(meta, rows))
+    tiles = _most_tiles(meta, rows, backward=kernel is _persistent_backward_kernel)
+    programs = grid_size(tiles, grid_programs(device))
     if compiled:
         kernel[(programs,)](*args, counter, *extra, 0, steps, row_blocks, GRID=True,
                             RUN_PHASE=-1, launch_cooperative_grid=True, **meta, **options)  # fmt: skip
