@@ -72,7 +72,8 @@ def _round_forward(
                 mask=(ranks[None, :] < RANK) & (k[:, None] < IN),
                 other=0.0,
             )
-            acc_inner = tl.dot(a, vt, acc_inner, input_precision=PRECISION)
+            # out_dtype: Triton (3.6) requires it to be acc's dtype, float64 included.
+            acc_inner = tl.dot(a, vt, acc_inner, input_precision=PRECISION, out_dtype=ACC)
         inner_value = acc_inner.to(dtype)
         tl.store(
             inner + rows[:, None] * RANK + ranks[None, :],
@@ -88,7 +89,7 @@ def _round_forward(
                 mask=(ranks[:, None] < RANK) & (n[None, :] < OUT),
                 other=0.0,
             )
-            z = tl.dot(inner_value, at, z, input_precision=PRECISION)
+            z = tl.dot(inner_value, at, z, input_precision=PRECISION, out_dtype=ACC)
         else:
             for k0 in range(0, IN, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
@@ -98,7 +99,7 @@ def _round_forward(
                     mask=(k[:, None] < IN) & (n[None, :] < OUT),
                     other=0.0,
                 )
-                z = tl.dot(a, wt, z, input_precision=PRECISION)
+                z = tl.dot(a, wt, z, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BIAS:
             z += tl.load(b + n, mask=n < OUT, other=0.0).to(ACC)[None, :]
         s = tl.sigmoid(z)
@@ -186,7 +187,7 @@ def _round_backward(
                 mask=(n[:, None] < OUT) & (ranks[None, :] < RANK),
                 other=0.0,
             )
-            acc_inner = tl.dot(d.to(dtype), a, acc_inner, input_precision=PRECISION)
+            acc_inner = tl.dot(d.to(dtype), a, acc_inner, input_precision=PRECISION, out_dtype=ACC)
         inner_grad = acc_inner.to(dtype)
         tl.store(
             dinner + rows[:, None] * RANK + ranks[None, :],
@@ -201,7 +202,7 @@ def _round_backward(
                 other=0.0,
             )
             acc = _load_tile(g_src, rows, k, IN, row_ok).to(ACC)
-            acc = tl.dot(inner_grad, vt, acc, input_precision=PRECISION)
+            acc = tl.dot(inner_grad, vt, acc, input_precision=PRECISION, out_dtype=ACC)
             tl.store(
                 g_src + rows[:, None] * IN + k[None, :],
                 acc.to(dtype),
@@ -220,7 +221,7 @@ def _round_backward(
                     mask=(n[:, None] < OUT) & (k[None, :] < IN),
                     other=0.0,
                 )
-                acc = tl.dot(d.to(dtype), wk, acc, input_precision=PRECISION)
+                acc = tl.dot(d.to(dtype), wk, acc, input_precision=PRECISION, out_dtype=ACC)
             tl.store(
                 g_src + rows[:, None] * IN + k[None, :],
                 acc.to(dtype),
@@ -382,6 +383,16 @@ def _blocks(maps: StackedMaps, input_size: int, hidden_size: int) -> dict:
     }
 
 
+def _backward_blocks(maps: StackedMaps, input_size: int, hidden_size: int) -> dict:
+    """:func:`_blocks` with dz tiles 32 columns wide: they are the reduction of ``dz W``, and
+    64 spilled registers on sm_80/sm_90 (float32 "ieee" tl.dot runs on CUDA cores, each thread
+    holding its operands' fragments: 2 KB spilled with every round in one launch)."""
+    return {
+        **_blocks(maps, input_size, hidden_size),
+        "BLOCK_N": block(max(input_size, hidden_size), most=32),
+    }
+
+
 def mogrify_forward(maps: StackedMaps, buffers: MogrifyBuffers, step: slice) -> None:
     """Run every round of one step, whose rows are ``step``: reads xs[0, step], hs[0, step];
     writes the other states of those rows, σ(z) and low-rank inner values."""
@@ -434,7 +445,7 @@ def mogrify_backward(
             _stride(maps.factors_x), _stride(maps.factors_h), rows,
             X_SIZE=big_i, H_SIZE=big_h, RANK=maps.rank, FIRST=first, LAST=last,
             ACC=accumulator(xs.dtype), PRECISION=dot_precision(xs.dtype),
-            **_blocks(maps, big_i, big_h),
+            **_backward_blocks(maps, big_i, big_h),
         )  # fmt: skip
 
 
