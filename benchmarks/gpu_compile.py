@@ -1,9 +1,12 @@
 """Compile every Triton kernel the GPU backends launch, for an NVIDIA GPU, on a machine without one.
 
-    python benchmarks/gpu_compile.py                      # sm_90 and sm_80, the full matrix
-    python benchmarks/gpu_compile.py --arch 90 --quick    # one small configuration per kernel path
+    python benchmarks/gpu_compile.py --out benchmarks/results   # sm_90 and sm_80, the full matrix
+    python benchmarks/gpu_compile.py --arch 90 --quick           # one small configuration per path
 
-Each backend (``triton``, ``persistent``) runs on CPU tensors with Triton's active driver
+The full matrix: the GPU preset (T=70, N=64, I=H=512, r=5), the seed notebook's size and the
+paper's (I=H=1000, rank 84), training and inference, float32 and bfloat16. Each backend
+(``triton``, and ``persistent`` in each of its plans, the grid plan over the target GPU's SMs:
+132 for sm_90, an H200; 108 for sm_80, an A100) runs on CPU tensors with Triton's active driver
 replaced by a stand-in that reports an NVIDIA target, and every launch turned into a
 compile-only warm-up: each kernel is compiled exactly as that launch would compile it on the
 GPU (same arguments, constexprs, grid), and nothing runs. ``ptxas -v`` (from Triton's wheel)
@@ -13,7 +16,8 @@ bytes (and the SM's limit), registers, spill bytes, Triton version.
 
 Must run without ``TRITON_INTERPRET`` (the kernels must be compiled, not interpreted); the CI test
 runs it in a subprocess. The exit status is 1 where a kernel fails to compile, needs more shared
-memory than the SM has, or spills.
+memory than the SM has, or spills. The grid barrier's self-test kernel is compiled too, over
+every SM.
 """
 
 from __future__ import annotations
@@ -243,8 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK_SIZES if args.quick else SIZES
     modes = ["training"] if args.quick else ["training", "inference"]
     dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
+    arches = [int(a) for a in args.arch.split(",")]
+    if len(arches) > 1:  # one capability per process (see compile_only)
+        statuses = [
+            subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--arch", str(arch)])
+            for arch in arches
+        ]  # fmt: skip
+        return max(status.returncode for status in statuses)
     failed = False
-    for arch in (int(a) for a in args.arch.split(",")):
+    for arch in arches:
         rows = compile_matrix(arch, sizes, modes, dtypes, tuple(args.backends.split(",")))
         for row in rows:
             flag = "" if row.clean else "  <-- " + (row.error or "spills / shared memory")
