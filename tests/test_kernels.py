@@ -198,8 +198,13 @@ PLAN_CASES = [
 @pytest.mark.parametrize("plan", ["rows", "grid"])
 def test_persistent_plans_match_oracle(plan: str, case: Case, monkeypatch) -> None:
     """Both plans of the persistent kernels: rows (a program per row block; batch 18 makes two)
-    and grid (tiles spread over the programs; interpreted, one launch per step and phase)."""
+    and grid (tiles spread over the programs; interpreted, one launch per step and phase), at
+    the tile sizes compiled for a GPU (the interpreter's own are wider)."""
+    from mogrifier_fast.kernels import persistent
+
     monkeypatch.setenv("MOGRIFIER_PERSISTENT_PLAN", plan)
+    monkeypatch.setattr(persistent, "INTERPRETER_BLOCK_N", persistent.BLOCK_N)
+    monkeypatch.setattr(persistent, "INTERPRETER_BLOCK_K", persistent.BLOCK_K)
     check_against_oracle("persistent", case, torch.float64)
 
 

@@ -52,11 +52,14 @@ from mogrifier_fast.kernels.mogrify import (
 )
 
 PLANS = ("rows", "grid")
-# Columns per tile: tl.dot's smallest width, so a phase has the most tiles (and wider tiles
-# spill registers in the rows plan at sm_90: 32 columns spilled 424 bytes in the forward).
-BLOCK_N = 16
-# The reduction's chunk in each product.
-BLOCK_K = 32
+# Columns per tile and the reduction's chunk in each product, compiled: 16 columns, tl.dot's
+# smallest width, so a phase has the most tiles (and wider tiles spilled registers in the rows
+# plan at sm_90: 32 columns, 424 bytes in the forward).
+BLOCK_N, BLOCK_K = 16, 32
+# The same under Triton's CPU interpreter, where an operation costs about the same whatever its
+# size: wider tiles halve the time of the CPU tests (tests/test_kernels.py also runs the compiled
+# sizes there).
+INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_K = 32, 64
 # Compile options of the compiled launches. Software pipelining (Triton's default 3 stages) keeps
 # prefetched tiles of every loop live at once: at sm_90 the bf16 forward then spilled up to 1.3 KB
 # (paper size); with 1 stage nothing spills. ptxas may use all 255 registers per thread (it held
@@ -510,8 +513,12 @@ def grid_programs(device: torch.device) -> int:
 
 def _plan_meta(plan: str, maps: StackedMaps, input_size: int, hidden_size: int) -> dict:
     """Block sizes and phase counts of a plan."""
+    if interpreted(_persistent_forward_kernel):
+        block_n, block_k = INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_K
+    else:
+        block_n, block_k = BLOCK_N, BLOCK_K
     return {
-        "BLOCK_B": BLOCK_B, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "BLOCK_R": BLOCK_N,
+        "BLOCK_B": BLOCK_B, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_R": block_n,
         "ROUNDS": maps.rounds, "RANK": maps.rank, "PHASES_PER_ROUND": 2 if maps.rank else 1,
         "X_SIZE": input_size, "H_SIZE": hidden_size, "OWN_ROWS": plan == "rows",
     }  # fmt: skip
