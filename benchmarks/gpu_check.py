@@ -147,7 +147,8 @@ def main(argv: list[str]) -> int:
     plans = ["persistent[rows]", "persistent[grid]"]
     if args.smoke:
         tests = ["tests/test_backends.py", "-k", "triton and deterministic"]
-        bench = ["--steps", "3", "--batch", "2", "--hidden-size", "8", "--repeats", "1"]
+        bench = ["--steps", "3", "--batch", "2", "--hidden-size", "8", "--repeats", "1",
+                 "--mode", "inference"]  # fmt: skip
         plans = []
     else:
         tests += ["-k", "not compile"]
