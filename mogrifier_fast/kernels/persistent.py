@@ -92,6 +92,15 @@ def _grid_barrier(counter, passed, GRID: tl.constexpr):
 
 
 @triton.jit
+def _end_phase(counter, passed, GRID: tl.constexpr, RUN_PHASE: tl.constexpr):
+    """The barrier after a phase where the launch runs every phase (RUN_PHASE < 0); else
+    nothing (the launch ends with the phase). Returns the barriers passed."""
+    if RUN_PHASE < 0:
+        passed = _grid_barrier(counter, passed, GRID)
+    return passed
+
+
+@triton.jit
 def _barrier_check_kernel(counter, slots, sums, phases):
     """The barrier's self-test: in phase k program p writes (p + 1)(k + 1) into its slot of one
     of two banks, and after the barrier reads the slot of program (p + k + 1) mod P. Every
@@ -125,44 +134,21 @@ def barrier_check(programs: int, phases: int, device: torch.device | str = "cuda
 
 
 @triton.jit
-def _dot_wt(a, w, rows, row_ok, cols, acc, K: tl.constexpr, W_ROWS: tl.constexpr,
-            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """acc + a[rows, :K] @ w[cols, :K]ᵀ, for a (·, K) and w (W_ROWS, K) row-major."""
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        wt = tl.load(
-            w + cols[None, :] * K + k[:, None],
-            mask=(k[:, None] < K) & (cols[None, :] < W_ROWS),
-            other=0.0,
-        )
-        acc = tl.dot(
-            _load_tile(a, rows, k, K, row_ok),
-            wt,
-            acc,
-            input_precision=PRECISION,
-            out_dtype=acc.dtype,
-        )
-    return acc
-
-
-@triton.jit
-def _dot_w(a, w, rows, row_ok, cols, acc, K: tl.constexpr, WIDTH: tl.constexpr,
-           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """acc + a[rows, :K] @ w[:K, cols], for a (·, K) and w (K, WIDTH) row-major."""
+def _dot(a, w, rows, row_ok, cols, acc, K: tl.constexpr, COLS: tl.constexpr,
+         K_STRIDE: tl.constexpr, COL_STRIDE: tl.constexpr, BLOCK_K: tl.constexpr,
+         PRECISION: tl.constexpr):  # fmt: skip
+    """acc + a[rows, :K] @ W[:K, cols] for a (·, K) row-major and W (K, COLS) with element (k, c)
+    at w + k K_STRIDE + c COL_STRIDE: a weight (COLS, K) row-major read transposed has strides
+    (1, K); a (K, COLS) one (COLS, 1)."""
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         wk = tl.load(
-            w + k[:, None] * WIDTH + cols[None, :],
-            mask=(k[:, None] < K) & (cols[None, :] < WIDTH),
+            w + k[:, None] * K_STRIDE + cols[None, :] * COL_STRIDE,
+            mask=(k[:, None] < K) & (cols[None, :] < COLS),
             other=0.0,
         )
-        acc = tl.dot(
-            _load_tile(a, rows, k, K, row_ok),
-            wk,
-            acc,
-            input_precision=PRECISION,
-            out_dtype=acc.dtype,
-        )
+        a_tile = _load_tile(a, rows, k, K, row_ok)
+        acc = tl.dot(a_tile, wk, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -221,27 +207,25 @@ def _round_phases(
                 rows, ranks = _tile_of(unit, row_blocks, BLOCK_B, BLOCK_R)
                 row_ok = rows < n_rows
                 acc = tl.zeros((BLOCK_B, BLOCK_R), ACC)
-                acc = _dot_wt(src, v, rows, row_ok, ranks, acc, IN, RANK, BLOCK_K, PRECISION)
+                acc = _dot(src, v, rows, row_ok, ranks, acc, IN, RANK, 1, IN, BLOCK_K, PRECISION)
                 _store_tile(inner, rows, row_ok, ranks, acc, RANK)
-        if RUN_PHASE < 0:
-            passed = _grid_barrier(counter, passed, GRID)
+        passed = _end_phase(counter, passed, GRID, RUN_PHASE)
     if RUN_PHASE < 0 or PHASE + (RANK > 0) == RUN_PHASE:
         for unit in range(pid, row_blocks * tl.cdiv(OUT, BLOCK_N), programs):
             rows, cols = _tile_of(unit, row_blocks, BLOCK_B, BLOCK_N)
             row_ok = rows < n_rows
             z = tl.zeros((BLOCK_B, BLOCK_N), ACC)
             if RANK > 0:
-                z = _dot_wt(inner, w, rows, row_ok, cols, z, RANK, OUT, BLOCK_K, PRECISION)
+                z = _dot(inner, w, rows, row_ok, cols, z, RANK, OUT, 1, RANK, BLOCK_K, PRECISION)
             else:
-                z = _dot_wt(src, w, rows, row_ok, cols, z, IN, OUT, BLOCK_K, PRECISION)
+                z = _dot(src, w, rows, row_ok, cols, z, IN, OUT, 1, IN, BLOCK_K, PRECISION)
             if HAS_BIAS:
                 z += tl.load(b + cols, mask=cols < OUT, other=0.0).to(ACC)[None, :]
             s = tl.sigmoid(z)
             gated = _load_tile(old, rows, cols, OUT, row_ok).to(ACC)
             _store_tile(sig, rows, row_ok, cols, s, OUT)
             _store_tile(new, rows, row_ok, cols, 2 * s * gated, OUT)
-    if RUN_PHASE < 0:
-        passed = _grid_barrier(counter, passed, GRID)
+    passed = _end_phase(counter, passed, GRID, RUN_PHASE)
     return passed
 
 
@@ -267,22 +251,20 @@ def _round_backward_phases(
                 acc = _dz_dot_w(g_new, g_old, old, sig, dz, w, rows, row_ok, ranks, stored, acc,
                                 OUT, RANK, ACC, BLOCK_K, PRECISION)  # fmt: skip
                 _store_tile(dinner, rows, row_ok, ranks, acc, RANK)
-        if RUN_PHASE < 0:
-            passed = _grid_barrier(counter, passed, GRID)
+        passed = _end_phase(counter, passed, GRID, RUN_PHASE)
     if RUN_PHASE < 0 or PHASE + (RANK > 0) == RUN_PHASE:
         for unit in range(pid, row_blocks * tl.cdiv(IN, BLOCK_N), programs):
             rows, cols = _tile_of(unit, row_blocks, BLOCK_B, BLOCK_N)
             row_ok = rows < n_rows
             acc = _load_tile(g_src, rows, cols, IN, row_ok).to(ACC)
             if RANK > 0:
-                acc = _dot_w(dinner, v, rows, row_ok, cols, acc, RANK, IN, BLOCK_K, PRECISION)
+                acc = _dot(dinner, v, rows, row_ok, cols, acc, RANK, IN, IN, 1, BLOCK_K, PRECISION)
             else:
                 stored = OUT * (unit < row_blocks).to(tl.int32)
                 acc = _dz_dot_w(g_new, g_old, old, sig, dz, w, rows, row_ok, cols, stored, acc,
                                 OUT, IN, ACC, BLOCK_K, PRECISION)  # fmt: skip
             _store_tile(g_src, rows, row_ok, cols, acc, IN)
-    if RUN_PHASE < 0:
-        passed = _grid_barrier(counter, passed, GRID)
+    passed = _end_phase(counter, passed, GRID, RUN_PHASE)
     return passed
 
 
@@ -293,10 +275,14 @@ def _accumulate_gates(
 ):  # fmt: skip
     """The four gate accumulators of columns n plus v (rows, K) Wᵀ, W (4H, K) row-major."""
     G = 4 * H_SIZE
-    acc_i = _dot_wt(v, w, rows, row_ok, n, acc_i, K_SIZE, G, BLOCK_K, PRECISION)
-    acc_f = _dot_wt(v, w, rows, row_ok, n + H_SIZE, acc_f, K_SIZE, G, BLOCK_K, PRECISION)
-    acc_g = _dot_wt(v, w, rows, row_ok, n + 2 * H_SIZE, acc_g, K_SIZE, G, BLOCK_K, PRECISION)
-    acc_o = _dot_wt(v, w, rows, row_ok, n + 3 * H_SIZE, acc_o, K_SIZE, G, BLOCK_K, PRECISION)
+    acc_i = _dot(v, w, rows, row_ok, n, acc_i, K_SIZE, G, 1, K_SIZE, BLOCK_K, PRECISION)
+    acc_f = _dot(v, w, rows, row_ok, n + H_SIZE, acc_f, K_SIZE, G, 1, K_SIZE, BLOCK_K, PRECISION)
+    acc_g = _dot(
+        v, w, rows, row_ok, n + 2 * H_SIZE, acc_g, K_SIZE, G, 1, K_SIZE, BLOCK_K, PRECISION
+    )
+    acc_o = _dot(
+        v, w, rows, row_ok, n + 3 * H_SIZE, acc_o, K_SIZE, G, 1, K_SIZE, BLOCK_K, PRECISION
+    )
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -399,8 +385,7 @@ def _persistent_forward_kernel(
                     hs + (first + n_rows) * H_SIZE, copy_rows, rows, n, n_rows,
                     X_SIZE, H_SIZE, GATE_BIAS, ACC, BLOCK_B, BLOCK_N, BLOCK_K, PRECISION,
                 )  # fmt: skip
-        if RUN_PHASE < 0:
-            passed = _grid_barrier(counter, passed, GRID)
+        passed = _end_phase(counter, passed, GRID, RUN_PHASE)
 
 
 @triton.jit
@@ -441,8 +426,7 @@ def _persistent_backward_kernel(
                     gates + 4 * h_at, c_prev, c_next, grad_output + h_at, grad_hs, grad_cell,
                     grad_gates + 4 * h_at, rows, cols, n_rows, H_SIZE, ACC,
                 )  # fmt: skip
-            if RUN_PHASE < 0:
-                passed = _grid_barrier(counter, passed, GRID)
+            passed = _end_phase(counter, passed, GRID, RUN_PHASE)
         if RUN_PHASE < 0 or RUN_PHASE == 1:  # the gate product's data gradients
             x_units = row_blocks * tl.cdiv(X_SIZE, BLOCK_N)
             h_units = row_blocks * tl.cdiv(H_SIZE, BLOCK_N)
@@ -451,20 +435,19 @@ def _persistent_backward_kernel(
                     rows, cols = _tile_of(unit, row_blocks, BLOCK_B, BLOCK_N)
                     row_ok = rows < n_rows
                     acc = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-                    acc = _dot_w(grad_gates + 4 * h_at, w_ih, rows, row_ok, cols, acc, G, X_SIZE,
-                                 BLOCK_K, PRECISION)  # fmt: skip
+                    acc = _dot(grad_gates + 4 * h_at, w_ih, rows, row_ok, cols, acc, G, X_SIZE, X_SIZE,
+                               1, BLOCK_K, PRECISION)  # fmt: skip
                     _store_tile(grad_xs + ((ROUNDS + 1) // 2) * grad_xs_stride, rows, row_ok,
                                 cols, acc, X_SIZE)  # fmt: skip
                 else:
                     rows, cols = _tile_of(unit - x_units, row_blocks, BLOCK_B, BLOCK_N)
                     row_ok = rows < n_rows
                     acc = tl.zeros((BLOCK_B, BLOCK_N), ACC)
-                    acc = _dot_w(grad_gates + 4 * h_at, w_hh, rows, row_ok, cols, acc, G, H_SIZE,
-                                 BLOCK_K, PRECISION)  # fmt: skip
+                    acc = _dot(grad_gates + 4 * h_at, w_hh, rows, row_ok, cols, acc, G, H_SIZE, H_SIZE,
+                               1, BLOCK_K, PRECISION)  # fmt: skip
                     _store_tile(grad_hs + (ROUNDS // 2) * grad_hs_stride, rows, row_ok, cols,
                                 acc, H_SIZE)  # fmt: skip
-            if RUN_PHASE < 0:
-                passed = _grid_barrier(counter, passed, GRID)
+            passed = _end_phase(counter, passed, GRID, RUN_PHASE)
         for back_j in tl.static_range(0, ROUNDS):
             j = ROUNDS - back_j
             phase = 2 + back_j * PHASES_PER_ROUND
