@@ -219,6 +219,12 @@ class MogrifierLSTM(_MogrifierBase):
         input: (T, N, input_size), (N, T, input_size) if batch_first, or unbatched (T, input_size).
         hx: optional (h_0, c_0), each (D*L, N, hidden_size), or (D*L, hidden_size) unbatched;
             zeros when omitted.
+        state_mask: optional keyword, shaped as h_0: every step of layer-direction k reads its
+            hidden state times ``state_mask[k]`` (h_0 included): variational dropout on the
+            recurrent state inside the recurrence, e.g. a Bernoulli(1 - p) mask divided by
+            1 - p, drawn once per sequence. Outputs and h_n are not masked; the mask is a
+            constant (no gradient flows to it). Backends "reference", "fused", "compile" and
+            "script" support it ("auto" picks one that does).
         Returns output (T, N, D*hidden_size) (batch first if batch_first), and (h_n, c_n)
         each shaped as h_0.
     """
@@ -380,21 +386,41 @@ class MogrifierLSTM(_MogrifierBase):
         h0, c0 = self._check_state(hx, shape, h_shape)
         return (h0, c0) if batched else (h0.unsqueeze(1), c0.unsqueeze(1))
 
+    def _check_state_mask(self, state_mask: Any, seq: Sequence, batched: bool) -> Tensor | None:
+        """``state_mask`` as (D*L, N, P), detached; None stays None."""
+        if state_mask is None:
+            return None
+        self._check_tensor_matches("state_mask", state_mask)
+        states = self.num_layers * self.num_directions
+        expected = (states, seq.batch, self._state_size) if batched else (states, self._state_size)
+        if tuple(state_mask.shape) != expected:
+            raise ValueError(
+                f"state_mask: expected shape {expected} (as h_0), got {tuple(state_mask.shape)}"
+            )
+        state_mask = state_mask.detach()
+        return state_mask if batched else state_mask.unsqueeze(1)
+
     def forward(
-        self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        state_mask: Tensor | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         seq, batched = self._check_input(input)
         h0, c0 = self._check_hx(hx, seq, batched)
+        mask = self._check_state_mask(state_mask, seq, batched)
         packed = input if isinstance(input, PackedSequence) else None
         if packed is not None and packed.sorted_indices is not None:
-            # hx comes in the caller's batch order, the packed rows longest first.
+            # hx and the mask come in the caller's batch order, the packed rows longest first.
             h0, c0 = (
                 h0.index_select(1, packed.sorted_indices),
                 c0.index_select(1, packed.sorted_indices),
             )
-        features = {
-            name for name, used in (("packed", seq.packed), ("proj", self.proj_size)) if used
-        }
+            if mask is not None:
+                mask = mask.index_select(1, packed.sorted_indices)
+        used = (("packed", seq.packed), ("proj", self.proj_size), ("state_mask", mask is not None))
+        features = {name for name, on in used if on}
         backend = backends.resolve(self.backend, seq.data.device, features)
         reversal = None
         if self.bidirectional and seq.packed:
@@ -412,7 +438,7 @@ class MogrifierLSTM(_MogrifierBase):
                 else:
                     data_in = data
                 output, (h, c) = backend.run(
-                    Sequence(data_in, seq.batch_sizes),
+                    Sequence(data_in, seq.batch_sizes, None if mask is None else mask[k]),
                     State(h0[k], c0[k]),
                     self._direction_params(suffix),
                 )

@@ -86,6 +86,15 @@ def mogrifier_lstm_step(
     return lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
 
 
+def masked_state(h: Tensor, state_mask: Optional[Tensor]) -> Tensor:
+    """The state a step reads: h (B_t, P) times the first B_t rows of ``state_mask`` (B, P)
+    (variational dropout on the recurrent state, the same mask at every step); h itself when
+    there is no mask."""
+    if state_mask is None:
+        return h
+    return h * state_mask[: h.shape[0]]
+
+
 def retire_ended(rows: int, state: Tensor, ended: List[Tensor]) -> Tensor:
     """The first ``rows`` rows of a per-sequence state (B', ·); the rows past them, whose
     sequences have ended (a packed batch's are sorted longest first), are appended to
@@ -117,11 +126,13 @@ def mogrifier_lstm_sequence(
     biases: List[Optional[Tensor]],
     w_hr: Optional[Tensor] = None,
     packed: bool = False,
+    state_mask: Optional[Tensor] = None,
 ) -> Tuple[List[Tensor], Tensor, Tensor]:
     """The step looped over time. xs: one (B_t, I) input per step; h (B, P), c (B, H) -> the
     outputs, one (B_t, P) per step, and each sequence's h and c after its own last step. B_t is
     B unless ``packed``: then non-increasing, the sequences still running at step t being the
-    first B_t rows."""
+    first B_t rows. With ``state_mask`` (B, P), every step reads h times the mask
+    (:func:`masked_state`); the outputs and the final h are not masked."""
     outputs: List[Tensor] = []
     ended_h: List[Tensor] = []
     ended_c: List[Tensor] = []
@@ -129,7 +140,8 @@ def mogrifier_lstm_sequence(
         if packed:
             h = retire_ended(x_t.shape[0], h, ended_h)
             c = retire_ended(x_t.shape[0], c, ended_c)
-        h, c = mogrifier_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, factors, biases, w_hr)
+        h_in = masked_state(h, state_mask)
+        h, c = mogrifier_lstm_step(x_t, h_in, c, w_ih, w_hh, b_ih, b_hh, factors, biases, w_hr)
         outputs.append(h)
     return outputs, final_state(h, ended_h), final_state(c, ended_c)
 
@@ -205,10 +217,16 @@ class Sequence(NamedTuple):
     rows step after step, (R, I) with R = sum(batch_sizes): ``batch_sizes[t]`` sequences run at
     step t, and they are the first rows of the batch (sequences sorted longest first, as
     ``PackedSequence`` stores them), so step t's rows are a prefix of step t - 1's.
+
+    ``state_mask`` (B, P), when given, multiplies the hidden state every step reads (step t
+    reads h_{t-1} times its first B_t rows; h_0 included): variational dropout on the
+    recurrent state, one mask per sequence. The outputs and the final state are not masked,
+    and the mask is a constant (no gradient flows to it).
     """
 
     data: Tensor
     batch_sizes: tuple[int, ...] | None = None
+    state_mask: Tensor | None = None
 
     @property
     def packed(self) -> bool:

@@ -18,7 +18,7 @@ from mogrifier_fast.mogrify import LayerParams, Sequence, State, mogrifier_lstm_
 def run_reference(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
     """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
     outputs, h, c = mogrifier_lstm_sequence(
-        seq.step_inputs(), state.h, state.c, *params.step_args(), seq.packed
+        seq.step_inputs(), state.h, state.c, *params.step_args(), seq.packed, seq.state_mask
     )
     return seq.join(outputs), State(h, c)
 

@@ -8,6 +8,7 @@ backend), so agreeing with it checks both the math and the parameter layout.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,11 +44,13 @@ def oracle_forward(
     input: Tensor,
     hx: tuple[Tensor, Tensor] | None = None,
     dropout_seed: int | None = None,
+    state_mask: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """An independent per-step computation of ``layer(input, hx)``.
+    """An independent per-step computation of ``layer(input, hx, state_mask=state_mask)``.
 
     With ``dropout_seed``, inter-layer dropout is applied to the stacked (T, N, D*H) output of
-    every layer but the last, after ``torch.manual_seed(dropout_seed)``.
+    every layer but the last, after ``torch.manual_seed(dropout_seed)``. ``state_mask`` (shaped
+    as h_0) multiplies the state h that every step of each layer-direction starts from.
     """
     p = dict(layer.named_parameters())
     state_size = layer.proj_size or layer.hidden_size
@@ -65,6 +68,8 @@ def oracle_forward(
         c0 = x.new_zeros(n_layers * dirs, batch, big_h)
     else:
         h0, c0 = (t[:, None] if unbatched else t for t in hx)
+    if state_mask is not None and unbatched:
+        state_mask = state_mask[:, None]
     if dropout_seed is not None:
         torch.manual_seed(dropout_seed)
     sequence = [x[t] for t in range(steps)]
@@ -81,7 +86,7 @@ def oracle_forward(
             h, c = h0[k], c0[k]
             outputs: list[Tensor | None] = [None] * steps
             for t in reversed(range(steps)) if d else range(steps):
-                xt, ht = sequence[t], h
+                xt, ht = sequence[t], h if state_mask is None else h * state_mask[k]
                 for j in range(1, r + 1):
                     stem = f"r{(1 if j % 2 else 2) if layer.share_rounds else j}"
                     weight = _map_weight(p, stem, suffix)
@@ -125,6 +130,8 @@ class Case:
     name: str = field(default="")
     # Set: a packed batch of sequences of these lengths (unsorted; steps = the longest).
     lengths: tuple[int, ...] | None = None
+    # Set: the layer runs with a dropout mask on the recurrent state (see :meth:`mask`).
+    masked: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -134,6 +141,7 @@ class Case:
             if self.lengths:
                 flags = "-packed" + "_".join(map(str, self.lengths))
             flags += "-hx" if self.with_hx else ""
+            flags += "-masked" if self.masked else ""
             self.name = f"{size}-T{self.steps}{flags}-" + "-".join(
                 f"{k}={v}" for k, v in shown.items()
             )
@@ -178,6 +186,20 @@ class Case:
             hx = None if hx is None else tuple(t.detach().to(device).requires_grad_() for t in hx)
         return layer, x, hx
 
+    def mask(
+        self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+    ) -> Tensor | None:
+        """The state mask of a masked case (None otherwise), shaped as h_0: a Bernoulli(0.6)
+        mask divided by 0.6, deterministic in ``seed`` (drawn on CPU)."""
+        if not self.masked:
+            return None
+        states = self.kwargs.get("num_layers", 1) * (2 if self.kwargs.get("bidirectional") else 1)
+        width = self.kwargs.get("proj_size") or self.kwargs["hidden_size"]
+        shape = (states, width) if self.unbatched else (states, self.batch, width)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        mask = torch.bernoulli(torch.full(shape, 0.6, dtype=torch.float64), generator=generator)
+        return (mask / 0.6).to(dtype=dtype, device=device)
+
 
 def random_cases(count: int, seed: int) -> list[Case]:
     """``count`` random configurations covering rounds 0..6, low rank, shared rounds, no bias,
@@ -214,6 +236,8 @@ def random_cases(count: int, seed: int) -> list[Case]:
         if not case.unbatched and rng.random() < 0.3:
             lengths = tuple(rng.randint(1, case.steps) for _ in range(case.batch))
             case = Case(kwargs, case.steps, case.batch, False, case.with_hx, case.seed, "", lengths)
+        if rng.random() < 0.25:
+            case = dataclasses.replace(case, name="", masked=True)
         cases.append(case)
     return cases
 
@@ -221,6 +245,7 @@ def random_cases(count: int, seed: int) -> list[Case]:
 def features(case: Case) -> set[str]:
     """The optional backend features (``mogrifier_fast.backends.FEATURES``) a case uses."""
     used = {"packed"} if case.lengths else set()
+    used |= {"state_mask"} if case.masked else set()
     return used | ({"proj"} if case.kwargs.get("proj_size") else set())
 
 
@@ -245,23 +270,30 @@ def grads(outputs: tuple[Tensor, ...], inputs: list[Tensor], seed: int) -> list[
     return [torch.zeros_like(i) if g is None else g for i, g in zip(inputs, found, strict=True)]
 
 
-def run_and_grad(layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None = None):
+def run_and_grad(
+    layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None = None, state_mask=None
+):
     """Flattened (output, h_n, c_n) of ``layer(x, hx)`` and gradients w.r.t. x, hx, parameters;
-    with ``lengths``, of the layer on x packed (output: the packed rows)."""
-    output, (h_n, c_n) = layer(layer_input(x, lengths, layer.batch_first), hx)
+    with ``lengths``, of the layer on x packed (output: the packed rows); with ``state_mask``,
+    of the layer run with it."""
+    masked = {} if state_mask is None else {"state_mask": state_mask}
+    output, (h_n, c_n) = layer(layer_input(x, lengths, layer.batch_first), hx, **masked)
     output = flat_output(output)
     leaves = [x, *(hx or ()), *layer.parameters()]
     return (output, h_n, c_n), grads((output, h_n, c_n), leaves, seed)
 
 
-def oracle_and_grad(layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None = None):
+def oracle_and_grad(
+    layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None = None, state_mask=None
+):
     """As :func:`run_and_grad`, computed by :func:`oracle_forward` in float64; a packed batch
     sequence by sequence (each alone, its own length), packed by torch's own utility."""
     layer64 = copy.deepcopy(layer).double()
     x64 = x.detach().double().requires_grad_()
     hx64 = None if hx is None else tuple(t.detach().double().requires_grad_() for t in hx)
+    mask64 = None if state_mask is None else state_mask.detach().double()
     if lengths is None:
-        output, (h_n, c_n) = oracle_forward(layer64, x64, hx64)
+        output, (h_n, c_n) = oracle_forward(layer64, x64, hx64, state_mask=mask64)
     else:
         steps_first = x64.transpose(0, 1) if layer.batch_first else x64
         alone = copy.deepcopy(layer64)
@@ -271,6 +303,7 @@ def oracle_and_grad(layer, x, hx, seed: int = 7, lengths: tuple[int, ...] | None
                 alone,
                 steps_first[:length, b : b + 1],
                 None if hx64 is None else tuple(t[:, b : b + 1] for t in hx64),
+                state_mask=None if mask64 is None else mask64[:, b : b + 1],
             )
             for b, length in enumerate(lengths)
         ]

@@ -102,6 +102,38 @@ FEATURE_CASES = [
         with_hx=True,
         lengths=(4, 2, 3),
     ),
+    # A dropout mask on the recurrent state: alone, packed both ways, projected, unbatched.
+    Case({"input_size": 5, "hidden_size": 7, "rounds": 5}, steps=4, batch=3, masked=True),
+    Case(
+        {
+            "input_size": 3,
+            "hidden_size": 5,
+            "rounds": 6,
+            "rank": 2,
+            "num_layers": 2,
+            "bidirectional": True,
+        },
+        steps=5,
+        batch=4,
+        with_hx=True,
+        lengths=(3, 5, 1, 5),
+        masked=True,
+    ),
+    Case(
+        {"input_size": 4, "hidden_size": 6, "proj_size": 3, "rounds": 1, "batch_first": True},
+        steps=3,
+        batch=2,
+        with_hx=True,
+        masked=True,
+    ),
+    Case(
+        {"input_size": 3, "hidden_size": 4, "rounds": 0},
+        steps=3,
+        batch=1,
+        unbatched=True,
+        with_hx=True,
+        masked=True,
+    ),
 ]
 CASES = FEATURE_CASES + random_cases(24, seed=1)
 
@@ -116,11 +148,12 @@ FEW_CASES = [c for c in FEATURE_CASES if c is not FEATURE_CASES[11]] + CASES[
 ]
 # "compile" compiles the step from mogrify.py (the reference's own step, checked on every case)
 # anew for each layer structure and dtype, about 20 s each on these 2-core machines with a cold
-# cache: it runs two feature cases, low rank with an even round count, and shared dense maps
-# with a projection on a packed batch (its own loop retires ended sequences), and is left out
+# cache: it runs three feature cases, low rank with an even round count, shared dense maps
+# with a projection on a packed batch (its own loop retires ended sequences), and a state mask
+# on a packed batch (low rank again: the first one's compiled step serves it), and is left out
 # of the size, determinism and double-backward checks (the step it compiles has no
 # size-dependent code of its own; its autograd is torch's).
-COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 13)]
+COMPILE_CASES = [FEATURE_CASES[i] for i in (2, 13, 15)]
 LIGHT_BACKENDS = [b for b in BACKENDS if b != "compile"]
 
 
@@ -138,8 +171,9 @@ def cases_for(dtype_stride: int = 1) -> list:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unsupported_features_are_refused_clearly(backend: str) -> None:
-    """A backend without a feature refuses it: projections at construction, packed input at the
-    first forward; each error names the feature and the backends that have it."""
+    """A backend without a feature refuses it: projections at construction, packed input and a
+    state mask at the first forward; each error names the feature and the backends that have
+    it."""
     missing = mf.backends.FEATURES - supported_features(backend)
     if not missing:
         pytest.skip(f"backend {backend!r} supports every feature")
@@ -151,6 +185,11 @@ def test_unsupported_features_are_refused_clearly(backend: str) -> None:
         packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, 3), torch.randn(2, 3)])
         with pytest.raises(ValueError, match=r"does not support packed.*backends that do: \["):
             layer(packed.to(DEVICE))
+    if "state_mask" in missing:
+        layer = mf.MogrifierLSTM(3, 4, backend=backend).to(DEVICE)
+        x, mask = torch.randn(2, 1, 3, device=DEVICE), torch.ones(1, 1, 4, device=DEVICE)
+        with pytest.raises(ValueError, match=r"does not support state_mask.*backends that do: \["):
+            layer(x, state_mask=mask)
 
 
 def float64_refused(error: TypeError) -> bool:
@@ -175,13 +214,16 @@ def skip_if_float64_refused(backend: str) -> None:
 
 def check_against_oracle(backend: str, case: Case, dtype: torch.dtype) -> None:
     layer, x, hx = case.build(dtype=dtype, backend=backend, device=DEVICE)
+    mask = case.mask(dtype, DEVICE)
     try:
-        outputs, gradients = run_and_grad(layer, x, hx, lengths=case.lengths)
+        outputs, gradients = run_and_grad(layer, x, hx, lengths=case.lengths, state_mask=mask)
     except TypeError as error:
         if dtype != torch.float64 or not float64_refused(error):
             raise
         pytest.skip(f"backend {backend!r} refuses float64: {error}")
-    expected_outputs, expected_gradients = oracle_and_grad(layer, x, hx, lengths=case.lengths)
+    expected_outputs, expected_gradients = oracle_and_grad(
+        layer, x, hx, lengths=case.lengths, state_mask=mask
+    )
     tolerance = TOLERANCE[dtype]
     for name, got, want in zip(("output", "h_n", "c_n"), outputs, expected_outputs, strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name

@@ -139,6 +139,38 @@ def test_model_shapes_tying_and_plain_lstm() -> None:
     assert sample.shape == (10,) and int(sample.max()) < 50
 
 
+def test_state_dropout_is_one_mask_per_sequence_and_layer_inside_the_recurrence(
+    monkeypatch,
+) -> None:
+    """dropout_state reaches every layer as a state_mask (1, B, hidden) of 0 and 1 / (1 - p),
+    drawn anew each forward in training; none in eval."""
+    model = LanguageModel(50, emb=8, hidden=12, layers=2, rounds=3, dropout_state=0.5)
+    seen = []
+    for layer in model.layers:
+        forward = layer.forward
+
+        def spy(x, hx, *, state_mask=None, forward=forward):
+            seen.append(state_mask)
+            return forward(x, hx, state_mask=state_mask)
+
+        monkeypatch.setattr(layer, "forward", spy)
+    tokens = torch.randint(50, (6, 16))
+    torch.manual_seed(0)
+    logits, _ = model(tokens)
+    first = seen[:]
+    assert len(first) == 2
+    for mask in first:
+        assert mask.shape == (1, 16, 12)
+        assert set(mask.unique().tolist()) == {0.0, 2.0}
+    model(tokens)
+    assert not torch.equal(seen[2], first[0])  # a fresh mask each forward
+    model.eval()
+    seen.clear()
+    eval_logits, _ = model(tokens)
+    assert seen == [None, None]
+    assert not torch.allclose(logits, eval_logits)  # the masks changed the recurrence
+
+
 # --------------------------------------------------------------------------- weight drop
 
 

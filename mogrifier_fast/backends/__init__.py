@@ -30,8 +30,9 @@ RunFn = Callable[[Sequence, State, LayerParams], tuple[Tensor, State]]
 
 # What a backend may support beyond a padded batch without projections: "packed", a packed
 # batch of variable-length sequences (Sequence.batch_sizes); "proj", projected hidden states
-# (LayerParams.w_hr, nn.LSTM's proj_size).
-FEATURES = frozenset({"packed", "proj"})
+# (LayerParams.w_hr, nn.LSTM's proj_size); "state_mask", a mask on the hidden state every step
+# reads (Sequence.state_mask: variational state dropout inside the recurrence).
+FEATURES = frozenset({"packed", "proj", "state_mask"})
 
 
 def runs_everywhere(device: torch.device) -> str | None:
@@ -192,6 +193,7 @@ def check_features(name: str, features: frozenset[str] | set[str]) -> None:
 FEATURE_NAMES = {
     "packed": "PackedSequence input",
     "proj": "proj_size > 0",
+    "state_mask": "state_mask, dropout on the recurrent state at every step",
 }
 
 

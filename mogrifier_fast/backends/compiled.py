@@ -20,6 +20,7 @@ from mogrifier_fast.mogrify import (
     Sequence,
     State,
     final_state,
+    masked_state,
     mogrifier_lstm_step,
     retire_ended,
 )
@@ -75,7 +76,7 @@ def run_compiled(seq: Sequence, state: State, params: LayerParams) -> tuple[Tens
                 if seq.packed:
                     h = retire_ended(x_t.shape[0], h, ended_h)
                     c = retire_ended(x_t.shape[0], c, ended_c)
-                h, c = step(x_t, h, c, *args)
+                h, c = step(x_t, masked_state(h, seq.state_mask), c, *args)
                 outputs.append(h)
     return seq.join(outputs), State(final_state(h, ended_h), final_state(c, ended_c))
 

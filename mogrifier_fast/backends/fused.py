@@ -137,6 +137,7 @@ class _Structure:
     map_bias: tuple[bool, ...]
     lstm_bias: bool
     projected: bool
+    state_masked: bool = False
 
     @property
     def rounds(self) -> int:
@@ -156,10 +157,12 @@ class _Structure:
         return (r, r - 1) if r % 2 else (r - 1, r)
 
 
-def _split(params: LayerParams) -> tuple[_Structure, list[Tensor | None]]:
+def _split(
+    params: LayerParams, state_masked: bool = False
+) -> tuple[_Structure, list[Tensor | None]]:
     """A layer's parameters as a structure and a flat list (w_ih, w_hh, b_ih, b_hh, each stored
     map's factors and bias, then w_hr), each stored map once even when it serves several
-    rounds."""
+    rounds; ``state_masked``: the call's steps read a masked state."""
     structure = _Structure(
         input_size=params.w_ih.shape[1],
         hidden_size=params.cell_size,
@@ -169,6 +172,7 @@ def _split(params: LayerParams) -> tuple[_Structure, list[Tensor | None]]:
         map_bias=tuple(m.bias is not None for m in params.maps),
         lstm_bias=params.b_ih is not None,
         projected=params.w_hr is not None,
+        state_masked=state_masked,
     )
     flat: list[Tensor | None] = [params.w_ih, params.w_hh, params.b_ih, params.b_hh]
     for m in params.maps:
@@ -337,7 +341,8 @@ class _Saved:
     round's u_{j-1} (c·B)^T (else None); xh, the gate input [x, h]; sig[j-1], σ(z_j);
     activations, [σ(i), σ(f), σ(2g), σ(o)] (R, 4H); tanh_g2 = 2 tanh(g); tanh_c; cells2, 2·c_0
     (B rows) then 2·c of every step (R rows); with a projection, unprojected, σ(o) tanh(c)
-    (R, H) (else None)."""
+    (R, H) (else None); with a state mask, h_in, the masked state each step reads,
+    mask ⊙ h_{t-1} (R, P) (else None)."""
 
     states: dict[int, Tensor]
     inners: list[Tensor | None]
@@ -348,6 +353,7 @@ class _Saved:
     tanh_c: Tensor
     cells2: Tensor
     unprojected: Tensor | None
+    h_in: Tensor | None = None
 
     @classmethod
     def empty(
@@ -369,12 +375,13 @@ class _Saved:
             tanh_c=new(big_h),
             cells2=new(big_h, rows.batch + (rows.total if keep else rows.batch)),
             unprojected=new(big_h) if s.projected else None,
+            h_in=new(s.state_size) if s.state_masked else None,
         )
 
     def tensors(self) -> list[Tensor]:
         inners = [t for t in self.inners if t is not None]
         per_step = [*self.sig, self.activations, self.tanh_g2, self.tanh_c, self.cells2]
-        extra = [] if self.unprojected is None else [self.unprojected]
+        extra = [t for t in (self.unprojected, self.h_in) if t is not None]
         return [*self.states.values(), *inners, self.xh, *per_step, *extra]
 
     @classmethod
@@ -387,7 +394,9 @@ class _Saved:
         xh = next(found)
         sig = [next(found) for _ in range(s.rounds)]
         per_step = [next(found) for _ in range(4)]
-        return cls(states, inners, xh, sig, *per_step, next(found) if s.projected else None)
+        unprojected = next(found) if s.projected else None
+        h_in = next(found) if s.state_masked else None
+        return cls(states, inners, xh, sig, *per_step, unprojected, h_in)
 
     def state_over_time(
         self, s: _Structure, state: int, x: Tensor, h_prev: Tensor | None
@@ -431,11 +440,14 @@ def _forward(
     out = rows.per_step(output)
     x_final, h_final = s.final_states()
     x_half, h_half = per_step(saved.xh[..., :big_i]), per_step(saved.xh[..., big_i:])
-    if h_final == 0:
+    mask = seq.state_mask
+    if h_final == 0 and mask is None:
         h_half[0].copy_(h0)
     states = {k: per_step(saved.state_over_time(s, k, None, None)) for k in range(1, r + 1)}
     states[-1] = seq.step_inputs()  # with no rounds, copied into the gate input each step
     states[0] = [h0, *(out[t - 1][:n] for t, n in enumerate(sizes) if t > 0)]
+    if mask is not None:  # each step reads mask ⊙ h_{t-1}, written into h_in first
+        previous, states[0] = states[0], per_step(saved.h_in)
     rounds = [
         (
             j,
@@ -459,6 +471,10 @@ def _forward(
     for t, n in enumerate(sizes):
         if x_final == -1:
             x_half[t].copy_(states[-1][t])
+        if mask is not None:
+            mul(previous[t], mask[:n], out=states[0][t])
+            if h_final == 0:
+                h_half[t].copy_(states[0][t])
         for j, round_, sig_j, inner in rounds:
             sig = round_.forward(states[j - 1][t], None if inner is None else inner[t], sig_j[t])
             mul(sig, states[j - 2][t], out=states[j][t])
@@ -472,7 +488,7 @@ def _forward(
         mul(gate_o, tc, out=unprojected[t])
         if s.projected:
             weights.projection(unprojected[t], out=out[t])
-        if h_final == 0 and t + 1 < steps:
+        if h_final == 0 and t + 1 < steps and mask is None:
             h_half[t + 1].copy_(out[t][: sizes[t + 1]])
     if keep:
         last_cells = rows.at_last_step(saved.cells2[batch:])
@@ -518,7 +534,7 @@ def _backward_chain(
     dinners = [None if t is None else rows.per_step(t) for t in grad_inners]
     grad_x_steps, grad_out = rows.per_step(grad_x), rows.per_step(grad_output)
     grad_projected_steps = None if grad_projected is None else rows.per_step(grad_projected)
-    mul, gates = torch.mul, weights.gates_backward
+    mul, gates, mask = torch.mul, weights.gates_backward, rows.seq.state_mask
     chunk = max(1, CHUNK_BYTES // (batch * 4 * big_h * x.element_size()))
     dc2 = grad_c / 2  # the gradient of the doubled cell
     grad_h0 = grad_h
@@ -579,7 +595,7 @@ def _backward_chain(
                 grad_state[j - 1] = round_.backward(dz_j[t], grad_state[j - 1], inner_grad)
             if x_final == -1:
                 grad_x_steps[t].copy_(grad_state[-1])
-            grad_h0 = grad_state[0]
+            grad_h0 = grad_state[0] if mask is None else grad_state[0] * mask[:n]
     return grad_h0.clone(), dc2 * 2
 
 
@@ -611,8 +627,8 @@ def _backward(
     grad_act = grad_act.unflatten(-1, (4, s.hidden_size))
     grad_inners = [None if t is None else torch.empty_like(t) for t in saved.inners]
     x = rows.all_rows(seq.data)
-    h_prev = None
-    if r >= 2:
+    h_prev = saved.h_in  # h_{t-1} as the steps read it: masked, or the previous output
+    if r >= 2 and h_prev is None:
         h_prev = rows.previous(torch.cat([h0, output]), slice(0, total))
     if weights.native is not None:
         grad_h0, grad_c0 = torch.empty_like(h0), h0.new_empty(rows.batch, s.hidden_size)
@@ -689,7 +705,7 @@ class _FusedSequence(torch.autograd.Function):
         saved = _Saved.from_tensors(structure, weights.ranks, tuple(rest[ctx.param_count :]))
         grad_output = rows.all_rows(grad_output.contiguous())
         grad_x, grad_h0, grad_c0, grads = _backward(
-            structure, weights, rows, Sequence(x, rows.seq.batch_sizes), h0, output, saved,
+            structure, weights, rows, rows.seq._replace(data=x), h0, output, saved,
             grad_output, grad_h, grad_c,
         )  # fmt: skip
         return None, None, grad_x, grad_h0, grad_c0, *grads
@@ -700,11 +716,12 @@ class _FusedSequence(torch.autograd.Function):
 @torch.compiler.disable
 def run_fused(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
     """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
-    structure, flat = _split(params)
+    structure, flat = _split(params, seq.state_mask is not None)
     # Rows may be strided (batch_first), elements not (the C++ loops read whole rows).
     x = seq.data if seq.data.stride(-1) == 1 else seq.data.contiguous()
     h0, c0 = state.h.contiguous(), state.c.contiguous()
-    rows = StepRows(Sequence(x, seq.batch_sizes))
+    mask = None if seq.state_mask is None else seq.state_mask.detach().contiguous()
+    rows = StepRows(Sequence(x, seq.batch_sizes, mask))
     if needs_backward(x, h0, c0, *flat):
         output, h, c = _FusedSequence.apply(structure, rows, x, h0, c0, *flat)
         return output, State(h, c)

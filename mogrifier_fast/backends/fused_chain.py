@@ -277,7 +277,7 @@ class NativeCall:
         torch.ops.mogrifier_fast.chain_forward(
             self.isa, seq.data, h0, c0, self.params, self.scales, self.factors,
             [self._blocks(t, keep) for t in saved], self._blocks(output), c_last, keep, self.threads,
-            self.split_rows, self.packed, self.batch_sizes,
+            self.split_rows, self.packed, self.batch_sizes, seq.state_mask,
         )  # fmt: skip
 
     def backward(self, grads: tuple[Tensor, Tensor, Tensor], seq: Sequence, h0: Tensor,
@@ -294,7 +294,7 @@ class NativeCall:
             h0, blocks(output), self.params, self.scales, self.factors,
             [blocks(t) for t in saved], blocks(grad_x), grad_h0, grad_c0, blocks(grad_pre),
             [None if t is None else blocks(t) for t in grad_inners], self.threads,
-            self.split_rows, self.packed, self.batch_sizes,
+            self.split_rows, self.packed, self.batch_sizes, seq.state_mask,
         )  # fmt: skip
 
     def rows_product(self, a: Tensor, b: Tensor, scale: float) -> Tensor | None:

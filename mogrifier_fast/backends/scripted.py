@@ -33,7 +33,7 @@ def run_scripted(seq: Sequence, state: State, params: LayerParams) -> tuple[Tens
     # profiling executor's differentiable graphs can mix up shapes across layers of one model.
     with quiet_torchscript_deprecation(), torch.jit.optimized_execution(False):
         outputs, h, c = _scripted_sequence()(
-            seq.step_inputs(), state.h, state.c, *params.step_args(), seq.packed
+            seq.step_inputs(), state.h, state.c, *params.step_args(), seq.packed, seq.state_mask
         )
     return seq.join(outputs), State(h, c)
 

@@ -181,12 +181,13 @@ struct Layer {
 };
 
 // The saved buffers, in the order of fused.py's _Saved.tensors(): states u_1 .. u_{r-2}, the
-// low-rank rounds' inner values, xh, sig (one per round), act, tanh_g2, tanh_c, cells2.
+// low-rank rounds' inner values, xh, sig (one per round), act, tanh_g2, tanh_c, cells2, then
+// unprojected with a projection and h_in with a state mask.
 struct SavedBuffers {
   Saved saved;
   std::vector<Seq> states, inners, sig;
 
-  SavedBuffers(at::TensorList tensors, const Params& p, const Layout& layout) {
+  SavedBuffers(at::TensorList tensors, const Params& p, const Layout& layout, bool masked) {
     size_t next = 0;
     auto take = [&](const char* what, bool cells = false) {
       TORCH_CHECK(next < tensors.size(), "mogrifier_fast: too few saved buffers");
@@ -202,6 +203,7 @@ struct SavedBuffers {
     saved.tanh_c = take("tanh_c");
     saved.cells2 = take("cells2", true);
     if (p.w_hr.data != nullptr) saved.unprojected = take("unprojected");
+    if (masked) saved.h_in = take("h_in");
     TORCH_CHECK(next == tensors.size(), "mogrifier_fast: ", tensors.size(),
                 " saved buffers, expected ", next);
     saved.states = states.data();
@@ -221,10 +223,11 @@ struct LayerCall {
   LayerCall(const c10::List<std::optional<at::Tensor>>& flat, c10::ArrayRef<double> scales,
             c10::IntArrayRef factors, at::TensorList saved, const at::Tensor& x,
             const at::Tensor& h0, const at::Tensor& output, int64_t threads, bool split_rows,
-            bool packed, c10::IntArrayRef batch_sizes)
+            bool packed, c10::IntArrayRef batch_sizes,
+            const std::optional<at::Tensor>& state_mask)
       : layout(batch_sizes),
         layer(flat, scales, factors),
-        buffers(saved, layer.params, layout),
+        buffers(saved, layer.params, layout, state_mask.has_value()),
         call{&layer.params,
              layout.packed() ? static_cast<int64_t>(layout.batch_sizes.size()) : x.size(0),
              layout.packed() ? layout.batch_sizes[0] : x.size(1),
@@ -233,9 +236,13 @@ struct LayerCall {
              layout.seq(output, "output"),
              buffers.saved,
              Plan{static_cast<int>(std::max<int64_t>(1, threads)), split_rows, packed},
-             layout.packed() ? layout.batch_sizes.data() : nullptr} {
+             layout.packed() ? layout.batch_sizes.data() : nullptr,
+             optional_vector(state_mask, "state_mask")} {
     TORCH_CHECK(h0.size(0) == call.rows, "mogrifier_fast: h0 has ", h0.size(0), " rows, the ",
                 "batch ", call.rows);
+    TORCH_CHECK(!state_mask.has_value() || state_mask->sizes() == h0.sizes(),
+                "mogrifier_fast: state_mask must be shaped as h0 ", h0.sizes(), ", got ",
+                state_mask.has_value() ? state_mask->sizes() : h0.sizes());
   }
   LayerCall(const LayerCall&) = delete;
   LayerCall& operator=(const LayerCall&) = delete;
@@ -246,10 +253,10 @@ void chain_forward(const std::string& isa, const at::Tensor& x, const at::Tensor
                    c10::ArrayRef<double> scales, c10::IntArrayRef factors,
                    at::TensorList saved, const at::Tensor& output, const at::Tensor& c_last,
                    bool keep, int64_t threads, bool split_rows, bool packed,
-                   c10::IntArrayRef batch_sizes) {
+                   c10::IntArrayRef batch_sizes, const std::optional<at::Tensor>& state_mask) {
   const Kernels& kernels = kernels_for(isa);
   const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed,
-                    batch_sizes);
+                    batch_sizes, state_mask);
   kernels.forward({c.call, rows_of(c0, "c0"), rows_of(c_last, "c_last"), keep});
 }
 
@@ -261,10 +268,11 @@ void chain_backward(const std::string& isa, const at::Tensor& grad_output,
                     at::TensorList saved, const at::Tensor& grad_x, const at::Tensor& grad_h0,
                     const at::Tensor& grad_c0, const at::Tensor& grad_pre,
                     const c10::List<std::optional<at::Tensor>>& grad_inners, int64_t threads,
-                    bool split_rows, bool packed, c10::IntArrayRef batch_sizes) {
+                    bool split_rows, bool packed, c10::IntArrayRef batch_sizes,
+                    const std::optional<at::Tensor>& state_mask) {
   const Kernels& kernels = kernels_for(isa);
   const LayerCall c(flat, scales, factors, saved, x, h0, output, threads, split_rows, packed,
-                    batch_sizes);
+                    batch_sizes, state_mask);
   const Layout& layout = c.layout;
   const Params& p = c.layer.params;
   // grad_pre: the gates' pre-activation gradients (4H wide), then each round's.
@@ -317,13 +325,13 @@ TORCH_LIBRARY(mogrifier_fast, m) {
   m.def(
       "chain_forward(str isa, Tensor x, Tensor h0, Tensor c0, Tensor?[] params, float[] scales, "
       "int[] factors, Tensor(a!)[] saved, Tensor(b!) output, Tensor(c!) c_last, bool keep, "
-      "int threads, bool split_rows, bool packed, int[] batch_sizes) -> ()");
+      "int threads, bool split_rows, bool packed, int[] batch_sizes, Tensor? state_mask) -> ()");
   m.def(
       "chain_backward(str isa, Tensor grad_output, Tensor grad_h, Tensor grad_c, Tensor x, "
       "Tensor h0, Tensor output, Tensor?[] params, float[] scales, int[] factors, "
       "Tensor[] saved, Tensor(a!) grad_x, Tensor(b!) grad_h0, Tensor(c!) grad_c0, "
       "Tensor(d!) grad_pre, Tensor(e!)?[] grad_inners, int threads, bool split_rows, "
-      "bool packed, int[] batch_sizes) -> ()");
+      "bool packed, int[] batch_sizes, Tensor? state_mask) -> ()");
   m.def("rows_product(str isa, Tensor a, Tensor b, float scale, int threads) -> Tensor");
 }
 

@@ -61,13 +61,14 @@ struct Params {
 // What the forward keeps for the backward (fused.py's _Saved), each (T, B, .), or one block
 // each (cells2: two, used in turn) under inference. states[s - 1] holds u_s, 1 <= s <= r - 2;
 // inners[j - 1], a low-rank round's inner value (base null when dense); sig[j - 1] = σ(z_j);
-// unprojected, σ(o) tanh(c) before the projection (base null without one).
+// unprojected, σ(o) tanh(c) before the projection (base null without one); h_in, the masked
+// state each step reads, mask ⊙ h_{t-1} (base null without a state mask).
 struct Saved {
   Seq xh, act, tanh_g2, tanh_c, cells2;
   const Seq* states = nullptr;
   const Seq* inners = nullptr;
   const Seq* sig = nullptr;
-  Seq unprojected;
+  Seq unprojected, h_in;
 };
 
 // How the loops run: threads in the team, each running its own batch rows (split_rows) or a
@@ -81,7 +82,8 @@ struct Plan {
 
 // What the forward and the backward of one layer-direction's call both read. A packed batch
 // runs batch_sizes[t] <= B rows at step t, the first ones (sequences sorted longest first);
-// batch_sizes is null when every step runs all B rows.
+// batch_sizes is null when every step runs all B rows. With a state mask (B, P), every step
+// reads mask ⊙ h_{t-1} (variational state dropout), kept in saved.h_in.
 struct Call {
   const Params* params;
   int64_t steps, rows;
@@ -91,6 +93,7 @@ struct Call {
   Saved saved;
   Plan plan;
   const int64_t* batch_sizes = nullptr;
+  const float* state_mask = nullptr;  // (B, P), contiguous, or null
   int64_t active(int64_t t) const { return batch_sizes != nullptr ? batch_sizes[t] : rows; }
   // How many steps sequence b runs.
   int64_t length(int64_t b) const {

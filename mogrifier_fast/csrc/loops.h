@@ -505,13 +505,14 @@ struct Loops {
   // The states u_s, s = -1 (the input) .. r, of every step, where fused.py keeps them.
   struct States {
     int64_t rounds, input_size, state_size, x_final, h_final;
-    Seq x, output, xh, h0;
+    Seq x, output, xh, h0, h_in;
     const Seq* kept;
 
     explicit States(const Call& c)
         : rounds(c.params->rounds), input_size(c.params->input_size),
           state_size(c.params->state_size), x(c.x), output(c.output), xh(c.saved.xh),
-          h0{const_cast<float*>(c.h0), 0, c.params->state_size}, kept(c.saved.states) {
+          h0{const_cast<float*>(c.h0), 0, c.params->state_size}, h_in(c.saved.h_in),
+          kept(c.saved.states) {
       x_final = rounds % 2 ? rounds : rounds - 1;
       h_final = rounds % 2 ? rounds - 1 : rounds;
     }
@@ -523,6 +524,7 @@ struct Loops {
     };
     Rows rows(int64_t s, int64_t t) const {
       if (s == -1) return {x.at(t, 0), x.row};
+      if (s == 0 && h_in.base != nullptr) return {h_in.at(t, 0), h_in.row};
       if (s == 0) return t == 0 ? Rows{h0.at(0, 0), h0.row} : Rows{output.at(t - 1, 0), output.row};
       if (s == x_final) return {xh.at(t, 0), xh.row};
       if (s == h_final) return {xh.at(t, 0) + input_size, xh.row};
@@ -582,7 +584,8 @@ struct Loops {
     const Seq cells = c.saved.cells2;
     for (int64_t b = 0; b < rows; ++b)
       for (int64_t u = 0; u < H; ++u) cells.at(0, b)[u] = 2.0f * f.c0[b * H + u];
-    if (state.h_final == 0)  // later steps: copied in the loop
+    const float* const mask = c.state_mask;
+    if (state.h_final == 0 && mask == nullptr)  // later steps: copied in the loop
       for (int64_t b = 0; b < rows; ++b)
         std::memcpy(state.xh.at(0, b) + I, c.h0 + b * P, P * sizeof(float));
 
@@ -594,13 +597,20 @@ struct Loops {
       for (int64_t t = 0; t < steps; ++t) {
         const int64_t active = c.active(t), r1 = part.end(active), own = part.rows(active);
         // With fewer than two rounds, x or h_{t-1} enter the gate product unchanged: copied in.
-        if (state.x_final == -1 || (state.h_final == 0 && t > 0)) {
+        // With a state mask, the step reads mask ⊙ h_{t-1}, written into h_in first.
+        if (state.x_final == -1 || (state.h_final == 0 && t > 0) || mask != nullptr) {
           const Share share = part.own_rows(active);
           for (int64_t b = share.begin; b < share.end; ++b) {
             if (state.x_final == -1)
               std::memcpy(state.xh.at(t, b), state.x.at(t, b), I * sizeof(float));
-            if (state.h_final == 0 && t > 0)
-              std::memcpy(state.xh.at(t, b) + I, state.output.at(t - 1, b), P * sizeof(float));
+            const float* h_prev = t == 0 ? c.h0 + b * P : state.output.at(t - 1, b);
+            if (mask != nullptr) {
+              float* h_in = state.h_in.at(t, b);
+              for (int64_t u = 0; u < P; ++u) h_in[u] = mask[b * P + u] * h_prev[u];
+              h_prev = h_in;
+            }
+            if (state.h_final == 0 && (t > 0 || mask != nullptr))
+              std::memcpy(state.xh.at(t, b) + I, h_prev, P * sizeof(float));
           }
           part.sync();
         }
@@ -818,6 +828,13 @@ struct Loops {
           const int64_t ldg = round_up(state.width(j - 1));
           last.run(dz, lda, own, share.begin, share.end, grad_state[j - 1] + r0 * ldg,
                    ldg, true);
+          part.sync();
+        }
+        if (c.state_mask != nullptr) {  // the step read mask ⊙ h_{t-1}: dh_{t-1} = mask ⊙ du_0
+          const Share share = part.own_rows(active);
+          for (int64_t b = share.begin; b < share.end; ++b)
+            for (int64_t u = 0; u < P; ++u)
+              grad_state[0][b * h_width + u] *= c.state_mask[b * P + u];
           part.sync();
         }
       }

@@ -92,9 +92,9 @@ class LanguageModel(nn.Module):
     embedding's weight; when ``hidden != emb`` a linear down-projection (hidden -> emb) makes
     that possible. Dropouts, all variational (one mask per sequence): ``dropout_input`` on the
     embeddings, ``dropout_layer`` between layers, ``dropout_output`` before the decoder, and
-    ``dropout_state`` on the hidden state each layer starts a segment from (the state carried
-    across truncated-BPTT segments; the layers run whole segments, so the mask is applied
-    there rather than at every step). ``weight_drop``: DropConnect on each layer's
+    ``dropout_state`` on the recurrent state inside each layer's recurrence: one mask per
+    sequence and layer for each forward (segment), applied to the h every step reads
+    (``MogrifierLSTM``'s ``state_mask``). ``weight_drop``: DropConnect on each layer's
     hidden-to-hidden weight (:func:`apply_weight_drop`; one mask per forward, shared by all
     steps); with it the state_dict holds ``layers.{i}.parametrizations.weight_hh_l0.original``
     in place of ``layers.{i}.weight_hh_l0``.
@@ -169,8 +169,11 @@ class LanguageModel(nn.Module):
         for i, (layer, (h, c)) in enumerate(zip(self.layers, state, strict=True)):
             if i > 0:
                 x = locked_dropout(x, self.dropout_layer, self.training)
-            h = locked_dropout(h, self.dropout_state, self.training)
-            x, (h, c) = layer(x, (h, c))
+            mask = None
+            if self.training and self.dropout_state > 0:
+                keep = 1 - self.dropout_state
+                mask = h.new_empty(h.shape).bernoulli_(keep).div_(keep)
+            x, (h, c) = layer(x, (h, c), state_mask=mask)
             new_state.append((h, c))
         if self.projection is not None:
             x = self.projection(x)
