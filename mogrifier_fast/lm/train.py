@@ -34,6 +34,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mogrifier_fast.lm.data import Corpus, CorpusError, batchify, load_corpus
+from mogrifier_fast.lm.dynamic import (
+    DEFAULT_DECAY,
+    DEFAULT_LR,
+    DEFAULT_SEGMENT,
+    DEFAULT_VALID_TOKENS,
+    Stats,
+    choose_dynamic,
+    default_hyperparameters,
+    dynamic_evaluate,
+    gradient_statistics,
+)
 from mogrifier_fast.lm.model import LanguageModel, State
 from mogrifier_fast.progress import progress_bar
 
@@ -639,19 +650,120 @@ def _to_random_state(saved: list) -> tuple:
 # ----------------------------------------------------------------------------- eval and sample
 
 
-def _load_run(path: Path, device: str) -> tuple[LanguageModel, Corpus, dict]:
-    """The model of a run directory's best.pt (or of a given .pt file) and its corpus."""
+def _run_checkpoint(
+    path: Path, device: str
+) -> tuple[LanguageModel, Corpus, dict, Path, dict, os.stat_result]:
+    """:func:`_load_run`, and the checkpoint file read, its whole content and its stat from
+    before it was read."""
     checkpoint_path = path / "best.pt" if path.is_dir() else path
     if not checkpoint_path.exists():
         raise ValueError(
             f"run: {checkpoint_path} does not exist; pass a run directory holding best.pt, or a checkpoint file"
         )
+    read = checkpoint_path.stat()
     checkpoint = load_checkpoint(checkpoint_path, required=("model", "config"))
     config = checkpoint["config"]
     corpus = load_corpus(config["data"], config.get("level"))
     model = build_model(config, len(corpus.vocab)).to(device)
     model.load_state_dict(checkpoint["model"])
-    return model.eval(), corpus, config
+    return model.eval(), corpus, config, checkpoint_path, checkpoint, read
+
+
+def _load_run(path: Path, device: str) -> tuple[LanguageModel, Corpus, dict]:
+    """The model of a run directory's best.pt (or of a given .pt file) and its corpus."""
+    return _run_checkpoint(path, device)[:3]
+
+
+def _dynamic_stats_usable(stored: object, model: LanguageModel, config: dict) -> bool:
+    """Whether a checkpoint's ``dynamic_stats`` entry fits this model and run."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("mean_squared"), dict):
+        return False
+    shapes = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+    mean_squared = stored["mean_squared"]
+    return (
+        stored.get("batch_size") == config["batch_size"]
+        and stored.get("bptt") == config["bptt"]
+        and set(mean_squared) == set(shapes)
+        and all(
+            isinstance(t, Tensor) and t.shape == shapes[name] for name, t in mean_squared.items()
+        )
+    )
+
+
+def _dynamic_stats(
+    model: LanguageModel,
+    corpus: Corpus,
+    config: dict,
+    path: Path,
+    checkpoint: dict,
+    read: os.stat_result,
+    device: str,
+    progress: bool,
+) -> Stats:
+    """The RMS statistics of dynamic evaluation: those stored in the checkpoint file under
+    ``"dynamic_stats"``, or computed on the training split (batchified as the run trained) and
+    then stored there, atomically, with the token count they came from."""
+
+    def log(message: str) -> None:
+        print(f"mogrifier-eval: {message}", file=sys.stderr)
+
+    stored = checkpoint.get("dynamic_stats")
+    if _dynamic_stats_usable(stored, model, config):
+        log(f"RMS statistics read from {path} ({stored['tokens']:,} training tokens)")
+        return {name: t.to(device) for name, t in stored["mean_squared"].items()}
+    train_data = batchify(corpus.train, config["batch_size"]).to(device)
+    stats = gradient_statistics(model, train_data, config["bptt"], progress=progress)
+    entry = {
+        "mean_squared": {name: t.detach().cpu() for name, t in stats.items()},
+        "tokens": (train_data.shape[0] - 1) * train_data.shape[1],
+        "batch_size": config["batch_size"],
+        "bptt": config["bptt"],
+    }
+    now = path.stat()
+    if (now.st_mtime_ns, now.st_size) != (read.st_mtime_ns, read.st_size):
+        log(f"{path} changed since it was read; the RMS statistics are not stored in it")
+        return stats
+    try:
+        save_atomic({**checkpoint, "dynamic_stats": entry}, path)
+    except OSError as error:
+        log(f"could not store the RMS statistics in {path} ({error.strerror or error})")
+    else:
+        log(f"RMS statistics of {entry['tokens']:,} training tokens stored in {path}")
+    return stats
+
+
+def _check_dynamic_args(args: argparse.Namespace) -> None:
+    given = {
+        "--dynamic-lr": args.dynamic_lr,
+        "--dynamic-decay": args.dynamic_decay,
+        "--dynamic-tune": args.dynamic_tune or None,
+        "--dynamic-valid-tokens": args.dynamic_valid_tokens,
+        "--dynamic-segment": args.dynamic_segment,
+    }
+    if not args.dynamic:
+        for flag, value in given.items():
+            if value is not None:
+                raise ValueError(f"{flag}: applies to dynamic evaluation only; add --dynamic")
+        return
+    if args.dynamic_tune:
+        for flag in ("--dynamic-lr", "--dynamic-decay"):
+            if given[flag] is not None:
+                raise ValueError(
+                    f"--dynamic-tune: chooses --dynamic-lr and --dynamic-decay on the validation "
+                    f"split; got {flag} {given[flag]} as well (give explicit values or --dynamic-tune)"
+                )
+    elif args.dynamic_valid_tokens is not None:
+        raise ValueError("--dynamic-valid-tokens: applies to --dynamic-tune only")
+    if args.dynamic_lr is not None and not (args.dynamic_lr > 0 and math.isfinite(args.dynamic_lr)):
+        raise ValueError(f"--dynamic-lr: expected a finite value > 0, got {args.dynamic_lr}")
+    if args.dynamic_decay is not None and not 0 <= args.dynamic_decay <= 1:
+        raise ValueError(f"--dynamic-decay: expected a value in [0, 1], got {args.dynamic_decay}")
+    for flag, value in (
+        ("--dynamic-segment", args.dynamic_segment),
+        ("--dynamic-valid-tokens", args.dynamic_valid_tokens),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected >= 1, got {value}")
 
 
 def main_eval(argv: list[str] | None = None) -> None:
@@ -663,10 +775,45 @@ def main_eval(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     p.add_argument("--text", type=Path, help="evaluate on this text file instead of a split")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="dynamic evaluation (Krause et al. 2018, RMS with a global prior): the model adapts "
+        "to the text as it is scored; RMS statistics of the training split are computed once "
+        "and stored in the checkpoint file",
+    )
+    p.add_argument(
+        "--dynamic-lr",
+        type=float,
+        help=f"learning rate eta (default {DEFAULT_LR:g} x segment / {DEFAULT_SEGMENT})",
+    )
+    p.add_argument(
+        "--dynamic-decay",
+        type=float,
+        help=f"decay rate lambda toward the trained weights, in [0, 1] (default {DEFAULT_DECAY:g} "
+        f"x segment / {DEFAULT_SEGMENT})",
+    )
+    p.add_argument(
+        "--dynamic-tune",
+        action="store_true",
+        help="choose --dynamic-lr and --dynamic-decay by a grid search on the validation split",
+    )
+    p.add_argument(
+        "--dynamic-valid-tokens",
+        type=int,
+        help=f"validation tokens --dynamic-tune uses (default {DEFAULT_VALID_TOKENS:,})",
+    )
+    p.add_argument(
+        "--dynamic-segment",
+        type=int,
+        help=f"tokens per adaptation step (default {DEFAULT_SEGMENT}, Krause et al.'s word-level PTB setting)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
     def run() -> None:
-        model, corpus, config = _load_run(args.run, args.device)
+        _check_dynamic_args(args)
+        model, corpus, config, path, checkpoint, read = _run_checkpoint(args.run, args.device)
         if args.text is not None:
             try:
                 ids = corpus.encode(args.text.read_text(encoding="utf-8"))
@@ -675,13 +822,41 @@ def main_eval(argv: list[str] | None = None) -> None:
             name = str(args.text)
         else:
             ids, name = corpus.split(args.split), args.split
-        loss = evaluate(model, batchify(ids, 1).to(args.device), config["bptt"])
+        data = batchify(ids, 1).to(args.device)
+        if not args.dynamic:
+            loss, how = evaluate(model, data, config["bptt"]), "static evaluation"
+        else:
+            progress = not args.no_progress
+            segment = args.dynamic_segment or DEFAULT_SEGMENT
+            lr, decay = default_hyperparameters(segment)
+            lr = lr if args.dynamic_lr is None else args.dynamic_lr
+            decay = decay if args.dynamic_decay is None else args.dynamic_decay
+            stats = _dynamic_stats(
+                model, corpus, config, path, checkpoint, read, args.device, progress
+            )
+            if args.dynamic_tune:
+                valid_tokens = args.dynamic_valid_tokens or DEFAULT_VALID_TOKENS
+                valid = batchify(corpus.valid, 1).to(args.device)
+                lr, decay, valid_loss = choose_dynamic(
+                    model, valid, segment, stats, max_tokens=valid_tokens, progress=progress
+                )
+                used = min(valid_tokens, valid.shape[0] - 1)
+                print(
+                    f"chosen on the first {used:,} validation tokens: --dynamic-lr {lr:g} "
+                    f"--dynamic-decay {decay:g} (validation loss {valid_loss:.4f})"
+                )
+            loss = dynamic_evaluate(model, data, segment, lr, decay, stats, progress=progress)
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"--dynamic-lr: {lr:g} made the loss non-finite ({loss}); try a smaller value"
+                )
+            how = f"dynamic evaluation, lr {lr:g}, decay {decay:g}, segment {segment}"
         unit = (
             f"perplexity {math.exp(loss):.3f}"
             if corpus.level == "word"
             else f"bits per char {loss / math.log(2):.4f}"
         )
-        print(f"{name}: loss {loss:.4f} nats per token, {unit}, {ids.numel():,} tokens")
+        print(f"{name}: loss {loss:.4f} nats per token, {unit}, {ids.numel():,} tokens ({how})")
 
     _run_cli("mogrifier-eval", run)
 
