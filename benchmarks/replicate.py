@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from mogrifier_fast.lm.data import load_corpus
 from mogrifier_fast.lm.model import LanguageModel
@@ -57,14 +60,54 @@ DATASETS = {
 }
 
 
-def parameters(vocab: int, emb: int, hidden: int, rounds: int, rank: int | None) -> int:
-    model = LanguageModel(vocab, emb=emb, hidden=hidden, rounds=rounds, rank=rank)
+@functools.cache
+def parameters(
+    vocab: int, emb: int, hidden: int, rounds: int = 0, rank: int | None = None, layers: int = 1
+) -> int:
+    """The parameter count of ``LanguageModel`` (tied embeddings) with these sizes; built on the
+    meta device, so no memory is allocated (about a millisecond each)."""
+    with torch.device("meta"):
+        model = LanguageModel(
+            vocab, emb=emb, hidden=hidden, layers=layers, rounds=rounds, rank=rank
+        )
     return sum(p.numel() for p in model.parameters())
 
 
-def matched_lstm_hidden(vocab: int, emb: int, target: int) -> int:
-    """The plain LSTM hidden size whose parameter count is closest to ``target``."""
-    return min(range(8, 2048), key=lambda h: abs(parameters(vocab, emb, h, 0, None) - target))
+def matched_hidden(
+    vocab: int, emb: int, target: int, rounds: int = 0, rank: int | None = None, layers: int = 1
+) -> int:
+    """The hidden size whose model (``rounds`` 0: a plain LSTM) has the parameter count closest
+    to ``target``; the smaller one on a tie. Sizes run from 8 (at least ``rank``) up.
+
+    The count grows with the hidden size except at hidden == emb, where the tied decoder needs
+    no down-projection (hidden x emb fewer weights); so the closest size is found by bisection
+    on each side of ``emb`` and a look at ``emb`` itself.
+    """
+    low = max(8, rank or 1)
+
+    def count(hidden: int) -> int:
+        return parameters(vocab, emb, hidden, rounds, rank, layers)
+
+    def closest(lo: int, hi: int | None) -> list[int]:
+        """The candidates in [lo, hi] (hi None: unbounded), where the count increases."""
+        if hi is not None and lo > hi:
+            return []
+        if hi is None:  # an upper end with count >= target (the count is unbounded above)
+            hi = lo
+            while count(hi) < target:
+                hi *= 2
+        a, b = lo, hi  # the first size in [lo, hi] with count >= target, or hi
+        while a < b:
+            middle = (a + b) // 2
+            a, b = (middle + 1, b) if count(middle) < target else (a, middle)
+        return [h for h in (a - 1, a) if lo <= h <= hi]
+
+    candidates = [
+        *closest(low, emb - 1),
+        *([emb] if emb >= low else []),
+        *closest(max(low, emb + 1), None),
+    ]
+    return min(sorted(candidates), key=lambda h: abs(count(h) - target))
 
 
 def main() -> None:
@@ -95,7 +138,7 @@ def main() -> None:
         mogrifier_params = parameters(
             vocab, spec["emb"], spec["hidden"], spec["rounds"], spec["rank"]
         )
-        lstm_hidden = matched_lstm_hidden(vocab, spec["emb"], mogrifier_params)
+        lstm_hidden = matched_hidden(vocab, spec["emb"], mogrifier_params)
         models = {
             "mogrifier": (["--model", "mogrifier", "--hidden", str(spec["hidden"]), "--rounds", str(spec["rounds"])]
                           + ([] if spec["rank"] is None else ["--rank", str(spec["rank"])]), mogrifier_params),

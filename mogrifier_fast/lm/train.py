@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its latest readable checkpoint",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-test",
+        action="store_true",
+        help="skip the test evaluation at the end (a tuner's trials; mogrifier-eval runs it later)",
+    )
     return p
 
 
@@ -413,6 +418,8 @@ def train(args: argparse.Namespace) -> Path:
         config.update(
             {k: getattr(args, k) for k in ("max_steps", "epochs") if getattr(args, k) is not None}
         )
+        # how this call reports, not a setting of the run
+        config.update({k: getattr(args, k) for k in ("no_progress", "no_test")})
         checkpoint = latest_readable_checkpoint(out, log)
     else:
         if _checkpoints(out):
@@ -574,7 +581,7 @@ def train(args: argparse.Namespace) -> Path:
         bar.close()
     if progress.step % config["eval_every"] != 0 and progress.step < total_steps:
         evaluate_and_checkpoint(tokens_since / max(time.perf_counter() - clock, 1e-9))
-    if main_process:
+    if main_process and not config.get("no_test", False):
         best = load_checkpoint(out / "best.pt", required=("model", "step"))
         model.load_state_dict(best["model"])
         test_loss = evaluate(
