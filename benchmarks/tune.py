@@ -3,7 +3,7 @@ then the best setting of each trained at the final budget on several seeds.
 
     python benchmarks/tune.py study --model lstm              # 16 trials (resumes if interrupted)
     python benchmarks/tune.py study --model mogrifier
-    python benchmarks/tune.py trials                          # benchmarks/results/tune-trials.csv
+    python benchmarks/tune.py trials                          # tune-trials.csv, tune-importances.csv
     python benchmarks/tune.py finals --seeds 0,1,2            # tune-finals.csv, tune-final-curves.csv
     python benchmarks/tune.py summary                         # mean +- std, Welch's t-test
 
@@ -565,6 +565,26 @@ def trial_rows(study: optuna.Study, model: str, runs: Path) -> list[dict]:
     return rows
 
 
+def importances(study: optuna.Study, model: str) -> list[dict]:
+    """Each searched parameter's share of the variance of the best validation loss over the
+    study's completed trials (fANOVA, seeded: Optuna's default evaluator); none with fewer
+    than 2 completed trials. Few trials make these rough."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return []
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    found = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return [
+        {
+            "model": model,
+            "parameter": name,
+            "importance": round(float(value), 4),
+            "complete_trials": len(complete),
+        }
+        for name, value in found.items()
+    ]
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -586,6 +606,14 @@ def cmd_trials(args: argparse.Namespace, protocol: Protocol) -> None:
         budgets[model] = study.user_attrs.get("protocol", {}).get("trial_steps")
     write_csv(args.out, rows)
     say(f"wrote {args.out} ({len(rows)} trials)")
+    importance_rows = [
+        row
+        for model in MODELS
+        for row in importances(open_study(protocol, model, args.runs, False)[0], model)
+    ]
+    if importance_rows:
+        write_csv(args.importances, importance_rows)
+        say(f"wrote {args.importances} (fANOVA on each study's completed trials)")
     for model in MODELS:
         say(
             f"{model}: {counts[model]} finished trials (complete + pruned), {budgets[model]} steps "
@@ -923,6 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trials", parents=[common], help="every trial of both studies as a CSV"
     )
     trials.add_argument("--out", type=Path, default=RESULTS / "tune-trials.csv")
+    trials.add_argument("--importances", type=Path, default=RESULTS / "tune-importances.csv")
     finals = commands.add_parser(
         "finals", parents=[common], help="the best trials at the final budget, tested"
     )

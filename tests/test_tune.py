@@ -221,7 +221,13 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
 
     # The trials CSV: a row per trial, equal counts and budgets.
     trials_csv = tmp_path / "trials.csv"
-    out = tune_main(capsys, "trials", "--out", str(trials_csv), *common)
+    importances_csv = tmp_path / "importances.csv"
+    out = tune_main(capsys, "trials", "--out", str(trials_csv), "--importances", str(importances_csv), *common)  # fmt: skip
+    with open(importances_csv, newline="") as file:
+        shares = list(csv.DictReader(file))
+    for model, searched in (("lstm", list(tune.FLOATS)), ("mogrifier", tune.PARAMS)):
+        found = {r["parameter"]: float(r["importance"]) for r in shares if r["model"] == model}
+        assert sorted(found) == sorted(searched) and math.isclose(sum(found.values()), 1, rel_tol=1e-3)  # fmt: skip
     with open(trials_csv, newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["model"], r["trial"], r["state"]) for r in rows] == [
