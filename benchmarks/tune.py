@@ -900,37 +900,25 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--data", default=DATA, help="ptb (default) or a corpus directory (train/valid/test.txt)"
     )
-    common.add_argument(
-        "--trial-steps",
-        type=positive,
-        default=TRIAL_STEPS,
-        help=f"updates per trial (default {TRIAL_STEPS})",
-    )
-    common.add_argument(
-        "--eval-every",
-        type=positive,
-        default=EVAL_EVERY,
-        help=f"steps between evaluations, where the pruner may stop a trial (default {EVAL_EVERY})",
-    )
-    common.add_argument(
-        "--final-steps",
-        type=positive,
-        default=FINAL_STEPS,
-        help=f"updates per final run (default {FINAL_STEPS})",
-    )
-    common.add_argument(
-        "--eval-tokens",
-        type=positive,
-        default=EVAL_TOKENS,
-        help=f"validation tokens per evaluation (default {EVAL_TOKENS})",
-    )
-    common.add_argument("--emb", type=positive, default=EMB, help=f"embedding size (default {EMB})")
-    common.add_argument(
-        "--target-hidden",
-        type=positive,
-        default=TARGET_HIDDEN,
-        help=f"the LSTM's hidden size, whose parameter count the Mogrifier matches (default {TARGET_HIDDEN})",
-    )
+    for flag, default, what in (
+        ("--trial-steps", TRIAL_STEPS, "updates per trial"),
+        (
+            "--eval-every",
+            EVAL_EVERY,
+            "steps between evaluations, where the pruner may stop a trial",
+        ),
+        ("--final-steps", FINAL_STEPS, "updates per final run"),
+        ("--eval-tokens", EVAL_TOKENS, "validation tokens per evaluation"),
+        ("--emb", EMB, "embedding size"),
+        (
+            "--target-hidden",
+            TARGET_HIDDEN,
+            "the LSTM's hidden size; the Mogrifiers match its count",
+        ),
+    ):
+        common.add_argument(
+            flag, type=positive, default=default, help=f"{what} (default {default})"
+        )
     parser = argparse.ArgumentParser(
         prog="tune.py",
         description=__doc__,
