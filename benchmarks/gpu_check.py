@@ -45,14 +45,15 @@ BENCH_LIMIT_S = 110
 
 
 # The grid barrier's self-test (first: a barrier that does not hold would hang the persistent
-# grid plan): every SM's program through 2000 barriers, under the phase's time limit.
+# grid plan): every SM's program through 2000 barriers (200 under --smoke: the interpreter runs
+# one program, and slowly), under the phase's time limit. Arguments: device, phases.
 BARRIER_CHECK = """
 import sys, torch
 from mogrifier_fast.kernels.persistent import barrier_check, grid_programs
-device = torch.device(sys.argv[1])
+device, phases = torch.device(sys.argv[1]), int(sys.argv[2])
 programs = grid_programs(device) if device.type == "cuda" else 1  # the interpreter: one
-passed = barrier_check(programs, 2000, device)
-print(f"barrier self-test over {programs} programs, 2000 phases: {'passed' if passed else 'FAILED'}")
+passed = barrier_check(programs, phases, device)
+print(f"barrier self-test over {programs} programs, {phases} phases: {'passed' if passed else 'FAILED'}")
 sys.exit(0 if passed else 1)
 """
 
@@ -164,7 +165,8 @@ def main(argv: list[str]) -> int:
         else:
             backends = [b for b in mf.available_backends(device) if b != "compile"]
             results = [
-                phase(log, "grid barrier self-test", [python, "-c", BARRIER_CHECK, device],
+                phase(log, "grid barrier self-test",
+                      [python, "-c", BARRIER_CHECK, device, "200" if args.smoke else "2000"],
                       BARRIER_LIMIT_S, device),
             ]  # fmt: skip
             if not results[0]:  # keep the later phases from hanging on the grid plan

@@ -5,6 +5,7 @@ then the best setting of each trained at the final budget on several seeds.
     python benchmarks/tune.py study --model mogrifier
     python benchmarks/tune.py trials                          # tune-trials.csv, tune-importances.csv
     python benchmarks/tune.py finals --seeds 0,1,2            # tune-finals.csv, tune-final-curves.csv
+    (or `finals --model lstm` and `finals --model mogrifier` side by side, then `finals`)
     python benchmarks/tune.py summary                         # mean +- std, Welch's t-test
 
 Both studies get the same search space (the Mogrifier's rounds and rank on top), the same number
@@ -556,7 +557,12 @@ def trial_rows(study: optuna.Study, model: str, runs: Path) -> list[dict]:
             "best_valid_perplexity": "" if best is None else round(math.exp(best), 3),
             "steps": steps,
             "tokens": steps * per_step if steps != "" else "",
+            # the run's training time to its last evaluation (over all its processes), and the
+            # tuner's time on this trial (process start, evaluations; a retry's part only)
             "wall_s": round(evaluations[-1].elapsed_s, 1) if evaluations else "",
+            "trial_s": round((trial.datetime_complete - trial.datetime_start).total_seconds(), 1)
+            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            else "",
             "parameters": trial.user_attrs.get("parameters", ""),
             "target_parameters": trial.user_attrs.get("target_parameters", ""),
             "hidden": trial.user_attrs.get("hidden", ""),
@@ -719,8 +725,12 @@ def evaluate_final(out: Path, dynamic: list[str] | None) -> dict:
 def cmd_finals(args: argparse.Namespace, protocol: Protocol) -> None:
     vocab = len(load_corpus(protocol.data).vocab)
     rows, curves = [], []
-    with locked(args.runs / "finals.lock"):
-        for model in MODELS:
+    models = MODELS if args.model is None else (args.model,)
+    collect = args.model is None  # the CSVs hold both models: written by a call for both
+    with contextlib.ExitStack() as stack:
+        for model in models:  # one process per model at a time
+            stack.enter_context(locked(args.runs / f"finals-{model}.lock"))
+        for model in models:
             study, _ = open_study(protocol, model, args.runs, create=False)
             check_protocol(
                 study,
@@ -817,10 +827,16 @@ def cmd_finals(args: argparse.Namespace, protocol: Protocol) -> None:
                     }
                     for e in evaluations
                 ]
-                write_csv(args.out, rows)
-                write_csv(args.curves, curves)
-    say(f"wrote {args.out} and {args.curves}")
-    summarize(rows)
+                if collect:
+                    write_csv(args.out, rows)
+                    write_csv(args.curves, curves)
+    if collect:
+        say(f"wrote {args.out} and {args.curves}")
+        summarize(rows)
+    else:
+        say(
+            f"{args.model}: done; `tune.py finals` without --model writes the CSVs (from the cache)"
+        )
 
 
 # ----------------------------------------------------------------------------- summary
@@ -949,6 +965,12 @@ def build_parser() -> argparse.ArgumentParser:
     finals.add_argument("--out", type=Path, default=RESULTS / "tune-finals.csv")
     finals.add_argument("--curves", type=Path, default=RESULTS / "tune-final-curves.csv")
     finals.add_argument("--no-dynamic", action="store_true", help="static test evaluation only")
+    finals.add_argument(
+        "--model",
+        choices=MODELS,
+        help="this model's runs only (one process per model can run side by side); the CSVs "
+        "are written by a call without --model, which finds the runs done",
+    )
     summary = commands.add_parser(
         "summary", parents=[common], help="mean +- std over seeds, Welch's t-test"
     )

@@ -1,8 +1,8 @@
 """benchmarks/tune.py: the LSTM and Mogrifier studies on a tiny corpus, resumed after a kill;
 the trials CSV; the finals and their summary; parameter matching; loss parsing; bad arguments.
 
-The studies run 2 trials of 10 steps (an evaluation every 2) per model; every trial is one
-``mogrifier-train`` process, so most of the time is process start-up.
+The studies run one trial of 10 steps (an evaluation every 2) per model (the LSTM's killed and
+retried); every trial is one ``mogrifier-train`` process, so most of the time is process start-up.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("optuna", reason="optuna is not installed (pip install -e .[dev])")
-
 from tests.test_lm import corpus_dir  # noqa: F401  (the tiny word corpus fixture)
+
+optuna = pytest.importorskip("optuna", reason="optuna is not installed (pip install -e .[dev])")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "tune.py"
@@ -155,6 +155,16 @@ def test_evaluate_final_tunes_dynamic_evaluation_once_and_caches(tmp_path, monke
     assert calls[4:] == [[]]
 
 
+def test_importances_cover_every_searched_parameter() -> None:
+    for model, searched in (("lstm", list(tune.FLOATS)), ("mogrifier", tune.PARAMS)):
+        study = optuna.create_study()
+        assert tune.importances(study, model) == []  # fewer than 2 completed trials: none
+        study.optimize(lambda t, model=model: math.log(tune.sample(t, model)["lr"]), n_trials=8)
+        found = {r["parameter"]: r["importance"] for r in tune.importances(study, model)}
+        assert sorted(found) == sorted(searched) and math.isclose(sum(found.values()), 1, rel_tol=1e-3)  # fmt: skip
+        assert max(found, key=found.get) == "lr"  # the only parameter the objective reads
+
+
 def test_summary_welch(capsys) -> None:
     rows = [
         {"model": model, "static_test_perplexity": str(p), "dynamic_test_perplexity": ""}
@@ -176,7 +186,7 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
     log = tmp_path / "killed.log"
     with open(log, "w") as file:
         tuner = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "study", "--model", "lstm", "--trials", "2", *common],
+            [sys.executable, str(SCRIPT), "study", "--model", "lstm", "--trials", "1", *common],
             stdout=file,
             stderr=subprocess.STDOUT,
         )
@@ -200,7 +210,7 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
     assert [t.state.name for t in study.trials] == ["RUNNING"]
 
     # Rerun: trial 0 is retried with its parameters and continues its run from a checkpoint.
-    out = tune_main(capsys, "study", "--model", "lstm", "--trials", "2", *common)
+    out = tune_main(capsys, "study", "--model", "lstm", "--trials", "1", *common)
     assert "trial 0 was left running by a stopped process; retrying it" in out
     assert "lstm trial 1 (run lstm-000) evaluation 1/5 (step 2" in out
     assert "lstm trial 1 (run lstm-000): complete" in out
@@ -209,32 +219,28 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
     assert [row.step for row in tune.valid_rows(run)] == [2, 4, 6, 8, 10]
     study, _ = tune.open_study(protocol, "lstm", runs, create=False)
     states = [t.state.name for t in study.trials]
-    assert states == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert states == ["FAIL", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params
-    out = tune_main(capsys, "study", "--model", "lstm", "--trials", "2", *common)
-    assert "2 of 2 trials finished" in out and "evaluation" not in out  # nothing left to do
+    out = tune_main(capsys, "study", "--model", "lstm", "--trials", "1", *common)
+    assert "1 of 1 trials finished" in out and "evaluation" not in out  # nothing left to do
     with pytest.raises(SystemExit):  # a study continues only under its own protocol
         tune.main(["study", "--model", "lstm", *common, "--trial-steps", "12"])
     assert "was run with other settings: trial_steps 10 (now 12)" in capsys.readouterr().err
 
-    tune_main(capsys, "study", "--model", "mogrifier", "--trials", "2", *common)
+    tune_main(capsys, "study", "--model", "mogrifier", "--trials", "1", *common)
 
     # The trials CSV: a row per trial, equal counts and budgets.
     trials_csv = tmp_path / "trials.csv"
     importances_csv = tmp_path / "importances.csv"
     out = tune_main(capsys, "trials", "--out", str(trials_csv), "--importances", str(importances_csv), *common)  # fmt: skip
-    with open(importances_csv, newline="") as file:
-        shares = list(csv.DictReader(file))
-    for model, searched in (("lstm", list(tune.FLOATS)), ("mogrifier", tune.PARAMS)):
-        found = {r["parameter"]: float(r["importance"]) for r in shares if r["model"] == model}
-        assert sorted(found) == sorted(searched) and math.isclose(sum(found.values()), 1, rel_tol=1e-3)  # fmt: skip
+    assert not importances_csv.exists()  # none from 1 completed trial (test_importances)
     with open(trials_csv, newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["model"], r["trial"], r["state"]) for r in rows] == [
-        ("lstm", "0", "failed"), ("lstm", "1", "complete"), ("lstm", "2", "complete"),
-        ("mogrifier", "0", "complete"), ("mogrifier", "1", "complete"),
+        ("lstm", "0", "failed"), ("lstm", "1", "complete"), ("mogrifier", "0", "complete"),
     ]  # fmt: skip
     assert rows[0]["retried_as"] == "1" and rows[1]["retry_of"] == "0" and rows[0]["tokens"] == ""
+    assert rows[0]["trial_s"] == "" and all(float(r["trial_s"]) > 0 for r in rows[1:])
     finished = [r for r in rows if r["state"] == "complete"]
     assert {r["steps"] for r in finished} == {"10"}
     assert {r["tokens"] for r in finished} == {str(10 * 32 * 70)}
@@ -243,14 +249,18 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
         assert (row["rounds"] != "") == (row["model"] == "mogrifier")
         assert int(row["parameters"]) > 0 and int(row["target_parameters"]) == 67_600
         assert math.isclose(float(row["best_valid_perplexity"]), math.exp(float(row["best_valid_loss"])), rel_tol=1e-4)  # fmt: skip
-    assert "lstm: 2 finished trials" in out and "mogrifier: 2 finished trials" in out
+    assert "lstm: 1 finished trials" in out and "mogrifier: 1 finished trials" in out
     assert "tokens lstm / mogrifier: 1.000 (within 10%)" in out and "WARNING" not in out
 
     # The finals, one seed, then again: everything is cached.
     finals, curves = tmp_path / "finals.csv", tmp_path / "curves.csv"
     # (dynamic evaluation: its own tests; the finals' use of it: test_evaluate_final_*)
     argv = ["finals", "--seeds", "0", "--final-steps", "4", "--no-dynamic", "--out", str(finals), "--curves", str(curves), *common]  # fmt: skip
-    tune_main(capsys, *argv)
+    out = tune_main(capsys, *argv, "--model", "lstm")  # one model: trained, no CSV
+    assert "lstm-seed0: training steps 0-4" in out and "mogrifier" not in out
+    assert "without --model writes the CSVs" in out and not finals.exists()
+    out = tune_main(capsys, *argv)
+    assert "lstm-seed0: trained (4 steps)" in out and "mogrifier-seed0: training steps 0-4" in out
     with open(finals, newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["model"], r["seed"], r["steps"]) for r in rows] == [("lstm", "0", "4"), ("mogrifier", "0", "4")]  # fmt: skip
