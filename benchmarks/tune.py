@@ -250,6 +250,14 @@ def valid_rows(out: Path) -> list[Evaluation]:
     return rows
 
 
+def new_evaluations(out: Path, seen: set[int], last: int) -> list[Evaluation]:
+    """The run's validation evaluations up to step ``last`` whose steps are not in ``seen``
+    (they are added to it): what a watcher of a running run has not reported yet."""
+    fresh = [row for row in valid_rows(out) if row.step not in seen and row.step <= last]
+    seen.update(row.step for row in fresh)
+    return fresh
+
+
 def run_child(
     target: str,
     argv: list[str],
@@ -258,7 +266,7 @@ def run_child(
 ) -> tuple[int, str]:
     """Run ``target`` ("module:function", called with argv) in a child process that dies with
     this one; its output goes to ``log`` (appended). ``watch`` is called every few seconds
-    while it runs. Returns (exit code, the output's last lines)."""
+    while it runs. Returns (exit code, this call's output)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     shown = "-m mogrifier_fast.lm.train" if target.endswith(":main_train") else f"-c '{target}'"
     with open(log, "a") as file:
@@ -413,10 +421,7 @@ def objective(protocol: Protocol, vocab: int, model: str, runs: Path) -> Callabl
         def report() -> None:
             """Report the run's new evaluations to the pruner; raise TrialPruned if it says so."""
             nonlocal best
-            for row in valid_rows(out):
-                if row.step in reported or row.step > protocol.trial_steps:
-                    continue
-                reported.add(row.step)
+            for row in new_evaluations(out, reported, protocol.trial_steps):
                 best = min(best, row.loss)
                 trial.report(best, row.step)
                 say(
@@ -602,21 +607,17 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_trials(args: argparse.Namespace, protocol: Protocol) -> None:
-    rows, totals, counts, budgets = [], {}, {}, {}
+    rows, importance_rows, totals, counts, budgets = [], [], {}, {}, {}
     for model in MODELS:
         study, _ = open_study(protocol, model, args.runs, create=False)
         model_rows = trial_rows(study, model, args.runs)
         rows += model_rows
+        importance_rows += importances(study, model)
         counts[model] = len(finished(study))
         totals[model] = sum(row["tokens"] for row in model_rows if row["tokens"] != "")
         budgets[model] = study.user_attrs.get("protocol", {}).get("trial_steps")
     write_csv(args.out, rows)
     say(f"wrote {args.out} ({len(rows)} trials)")
-    importance_rows = [
-        row
-        for model in MODELS
-        for row in importances(open_study(protocol, model, args.runs, False)[0], model)
-    ]
     if importance_rows:
         write_csv(args.importances, importance_rows)
         say(f"wrote {args.importances} (fANOVA on each study's completed trials)")
@@ -658,10 +659,6 @@ def loss_line(output: str, split: str = "test") -> tuple[float, str]:
     preferred = [(line, m) for line, m in found if line.strip().lower().startswith(split)]
     line, match = (preferred or found)[-1]
     return float(match["loss"]), line.strip()
-
-
-def parse_loss(output: str, split: str = "test") -> float:
-    return loss_line(output, split)[0]
 
 
 def setting(line: str) -> str:
@@ -722,6 +719,36 @@ def evaluate_final(out: Path, dynamic: list[str] | None) -> dict:
     return cache
 
 
+def train_final(out: Path, config: dict, model: str, steps: int) -> list[Evaluation]:
+    """Train (or continue) the final run ``out`` of ``config`` up to ``steps``, reporting each
+    evaluation as it is written; returns its evaluations. A run already there is left alone."""
+    resume = prepare_run(out, config)
+    done = valid_rows(out) if resume else []
+    if done and done[-1].step >= steps:
+        say(f"{out.name}: trained ({done[-1].step} steps)")
+        return done
+    say(f"{out.name}: training steps {done[-1].step if done else 0}-{steps}")
+    seen = {row.step for row in done}
+
+    def report() -> None:
+        for row in new_evaluations(out, seen, steps):
+            say(
+                f"{out.name}: step {row.step}/{steps}, valid loss {row.loss:.4f} "
+                f"(perplexity {math.exp(row.loss):.1f}), {row.elapsed_s:.0f} s"
+            )
+
+    code, output = run_child(
+        "mogrifier_fast.lm.train:main_train",
+        train_arguments(config, model, out, steps, resume),
+        out / "train.log",
+        watch=report,
+    )
+    if code != 0:
+        raise TuneError(f"{out.name}: mogrifier-train exited with {code}:\n{tail(output)}")
+    report()
+    return valid_rows(out)
+
+
 def cmd_finals(args: argparse.Namespace, protocol: Protocol) -> None:
     vocab = len(load_corpus(protocol.data).vocab)
     rows, curves = [], []
@@ -751,36 +778,7 @@ def cmd_finals(args: argparse.Namespace, protocol: Protocol) -> None:
             for seed in args.seeds:
                 out = args.runs / "finals" / f"{model}-seed{seed}"
                 config["seed"] = seed
-                rows_now = valid_rows(out)
-                if rows_now and rows_now[-1].step >= args.final_steps and prepare_run(out, config):
-                    say(f"{out.name}: trained ({rows_now[-1].step} steps)")
-                else:
-                    resume = prepare_run(out, config)
-                    start = rows_now[-1].step if resume and rows_now else 0
-                    say(f"{out.name}: training steps {start}-{args.final_steps}")
-                    seen = {row.step for row in rows_now}
-
-                    def report(out: Path = out, seen: set = seen) -> None:
-                        for row in valid_rows(out):
-                            if row.step not in seen:
-                                seen.add(row.step)
-                                say(
-                                    f"{out.name}: step {row.step}/{args.final_steps}, valid loss "
-                                    f"{row.loss:.4f} (perplexity {math.exp(row.loss):.1f}), {row.elapsed_s:.0f} s"
-                                )
-
-                    code, output = run_child(
-                        "mogrifier_fast.lm.train:main_train",
-                        train_arguments(config, model, out, args.final_steps, resume),
-                        out / "train.log",
-                        watch=report,
-                    )
-                    if code != 0:
-                        raise TuneError(
-                            f"{out.name}: mogrifier-train exited with {code}:\n{tail(output)}"
-                        )
-                    report()
-                evaluations = valid_rows(out)
+                evaluations = train_final(out, config, model, args.final_steps)
                 flags = None if args.no_dynamic else dynamic_flags(first.get("dynamic"))
                 cache = evaluate_final(out, flags)
                 first = first or cache

@@ -75,17 +75,17 @@ def test_sizes_match_the_lstm_count() -> None:
     assert hidden == 118 and abs(count - target) / target < 0.001
 
 
-def test_parse_loss() -> None:
+def test_loss_line() -> None:
     static = "test: loss 4.6052 nats per token, perplexity 100.000, 82,430 tokens\n"
-    assert tune.parse_loss(static) == 4.6052
+    assert tune.loss_line(static)[0] == 4.6052
     dynamic = (
         "valid: lr 1e-4, decay 0.02: loss 4.9 nats per token\n"
         "test (dynamic): loss 4.25e+00 nats per token, perplexity 70.1, 82,430 tokens\n"
     )
-    assert tune.parse_loss(dynamic) == 4.25
-    assert tune.parse_loss("dynamic evaluation: loss 3.5 nats per token") == 3.5
+    assert tune.loss_line(dynamic)[0] == 4.25
+    assert tune.loss_line("dynamic evaluation: loss 3.5 nats per token")[0] == 3.5
     with pytest.raises(tune.TuneError, match="nats per token"):
-        tune.parse_loss("test: perplexity 100.0")
+        tune.loss_line("test: perplexity 100.0")[0]
 
 
 @pytest.mark.parametrize(
