@@ -39,6 +39,11 @@ from mogrifier_fast.backends import Backend, fused_chain, needs_backward, refuse
 from mogrifier_fast.backends.layout import StepRows
 from mogrifier_fast.mogrify import LayerParams, Sequence, State
 
+# torch.compiler.disable imports torch._dynamo where it decorates: about 2.5 s of every import
+# of this package. torch's own lazy form (which Dynamo skips, so it graph-breaks there) defers
+# that to the first call; a torch without it gets the public form.
+compile_disabled = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
 # Per-step products of at least this many multiply-adds run faster through oneDNN's linear than
 # through addmm on the CPUs measured; below it, oneDNN's fixed cost per
 # call (~12 us) dominates. From ONEDNN_PACK_MACS on, packing the weight once per call (~0.1-0.2
@@ -697,7 +702,7 @@ class _FusedSequence(torch.autograd.Function):
         return rows.laid_out(output), rows.at_last_step(output), c_last
 
     @staticmethod
-    @torch.compiler.disable
+    @compile_disabled
     def backward(ctx, grad_output: Tensor, grad_h: Tensor, grad_c: Tensor):
         refuse_double_backward("fused")
         structure, rows, weights = ctx.structure, ctx.rows, ctx.weights
@@ -713,7 +718,7 @@ class _FusedSequence(torch.autograd.Function):
 
 # torch.compile leaves the call to its own code (C++ ops, hand-written backward): compiled
 # models graph-break around it, and it runs as in eager.
-@torch.compiler.disable
+@compile_disabled
 def run_fused(seq: Sequence, state: State, params: LayerParams) -> tuple[Tensor, State]:
     """One layer, one direction (see :mod:`mogrifier_fast.backends` for the contract)."""
     structure, flat = _split(params, seq.state_mask is not None)
