@@ -16,7 +16,7 @@ finishes, so an interrupted run keeps every finished row.
     mogrifier-bench --preset seed --repeats 5
     mogrifier-bench --preset isa             # every C++ variant this CPU runs, side by side
     mogrifier-bench --preset generation      # one token at a time, batch 1, 1 thread
-    mogrifier-bench --hidden 128,256 --rounds 0,5 --mode training
+    mogrifier-bench --hidden-size 128,256 --rounds 0,5 --mode training
     mogrifier-bench --grid my_grid.toml
 """
 

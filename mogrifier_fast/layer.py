@@ -206,8 +206,8 @@ class MogrifierLSTM(_MogrifierBase):
     ``rounds`` rounds (see :mod:`mogrifier_fast.mogrify`); ``rounds=0`` is exactly ``nn.LSTM``.
 
     Args:
-        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional:
-            as ``nn.LSTM``.
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            proj_size, device, dtype: as ``nn.LSTM``.
         rounds: mogrifier rounds r >= 0 (the paper tunes 5 or 6).
         rank: None for full-rank maps, else k in 1..min(input_size, hidden_size): each map is
             the product of an (out, k) and a (k, in) factor.
@@ -215,18 +215,20 @@ class MogrifierLSTM(_MogrifierBase):
         mogrifier_bias: a bias in each map (the official code's; the paper's equations have none).
         backend: "auto" or a name from :func:`mogrifier_fast.available_backends`.
 
-    Shapes (L = num_layers, D = 2 if bidirectional else 1, N = batch):
-        input: (T, N, input_size), (N, T, input_size) if batch_first, or unbatched (T, input_size).
-        hx: optional (h_0, c_0), each (D*L, N, hidden_size), or (D*L, hidden_size) unbatched;
-            zeros when omitted.
+    Shapes (L = num_layers, D = 2 if bidirectional else 1, N = batch, P = proj_size or
+    hidden_size):
+        input: (T, N, input_size), (N, T, input_size) if batch_first, unbatched
+            (T, input_size), or a PackedSequence.
+        hx: optional (h_0, c_0): h_0 (D*L, N, P), c_0 (D*L, N, hidden_size), without N
+            unbatched; zeros when omitted.
         state_mask: optional keyword, shaped as h_0: every step of layer-direction k reads its
             hidden state times ``state_mask[k]`` (h_0 included): variational dropout on the
             recurrent state inside the recurrence, e.g. a Bernoulli(1 - p) mask divided by
             1 - p, drawn once per sequence. Outputs and h_n are not masked; the mask is a
             constant (no gradient flows to it). Backends "reference", "fused", "compile" and
             "script" support it ("auto" picks one that does).
-        Returns output (T, N, D*hidden_size) (batch first if batch_first), and (h_n, c_n)
-        each shaped as h_0.
+        Returns output (T, N, D*P) (batch first if batch_first; a PackedSequence for one),
+        and (h_n, c_n) shaped as (h_0, c_0).
     """
 
     def __init__(
