@@ -607,7 +607,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def cmd_trials(args: argparse.Namespace, protocol: Protocol) -> None:
-    rows, importance_rows, totals, counts, budgets = [], [], {}, {}, {}
+    rows, importance_rows, totals, counts, budgets, hours = [], [], {}, {}, {}, {}
     for model in MODELS:
         study, _ = open_study(protocol, model, args.runs, create=False)
         model_rows = trial_rows(study, model, args.runs)
@@ -615,6 +615,7 @@ def cmd_trials(args: argparse.Namespace, protocol: Protocol) -> None:
         importance_rows += importances(study, model)
         counts[model] = len(finished(study))
         totals[model] = sum(row["tokens"] for row in model_rows if row["tokens"] != "")
+        hours[model] = sum(row["trial_s"] for row in model_rows if row["trial_s"] != "") / 3600
         budgets[model] = study.user_attrs.get("protocol", {}).get("trial_steps")
     write_csv(args.out, rows)
     say(f"wrote {args.out} ({len(rows)} trials)")
@@ -624,7 +625,8 @@ def cmd_trials(args: argparse.Namespace, protocol: Protocol) -> None:
     for model in MODELS:
         say(
             f"{model}: {counts[model]} finished trials (complete + pruned), {budgets[model]} steps "
-            f"per trial, {totals[model]:,} tokens trained in all"
+            f"per trial, {totals[model]:,} tokens trained in all; the tuner's time on its "
+            f"finished trials {hours[model]:.2f} h"
         )
     if budgets["lstm"] != budgets["mogrifier"]:
         say(
@@ -869,6 +871,14 @@ def summarize(rows: list[dict]) -> None:
             )
         else:
             say(f"{kind}: Welch's t-test needs at least 2 seeds per model")
+    for model in MODELS:
+        mine = [r for r in rows if r["model"] == model]
+        if mine:
+            hours = {c: sum(float(r[c] or 0) for r in mine) / 3600 for c in ("train_wall_s", "eval_wall_s")}  # fmt: skip
+            say(
+                f"{model}: {len(mine)} final runs, training {hours['train_wall_s']:.2f} h, "
+                f"test evaluation {hours['eval_wall_s']:.2f} h"
+            )
 
 
 def cmd_summary(args: argparse.Namespace, protocol: Protocol) -> None:

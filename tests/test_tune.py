@@ -167,7 +167,13 @@ def test_importances_cover_every_searched_parameter() -> None:
 
 def test_summary_welch(capsys) -> None:
     rows = [
-        {"model": model, "static_test_perplexity": str(p), "dynamic_test_perplexity": ""}
+        {
+            "model": model,
+            "static_test_perplexity": str(p),
+            "dynamic_test_perplexity": "",
+            "train_wall_s": "1800",
+            "eval_wall_s": "360",
+        }
         for model, values in (("lstm", (100.0, 101.0, 102.0)), ("mogrifier", (95.0, 96.5, 97.0)))
         for p in values
     ]
@@ -176,6 +182,7 @@ def test_summary_welch(capsys) -> None:
     assert "static test perplexity, lstm: 101.00 +- 1.00 (3 seeds)" in out
     assert "mogrifier - lstm = -4.83 perplexity; Welch's t = " in out and "p = 0.0" in out
     assert "dynamic: no results" in out
+    assert "mogrifier: 3 final runs, training 1.50 h, test evaluation 0.30 h" in out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -250,6 +257,7 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
         assert int(row["parameters"]) > 0 and int(row["target_parameters"]) == 67_600
         assert math.isclose(float(row["best_valid_perplexity"]), math.exp(float(row["best_valid_loss"])), rel_tol=1e-4)  # fmt: skip
     assert "lstm: 1 finished trials" in out and "mogrifier: 1 finished trials" in out
+    assert "the tuner's time on its finished trials 0.0" in out
     assert "tokens lstm / mogrifier: 1.000 (within 10%)" in out and "WARNING" not in out
 
     # The finals, one seed, then again: everything is cached.
