@@ -33,7 +33,7 @@ cross-tools:
 test: $(STAMP) cross-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/mogrifier-bench --preset quick --out bench-results
