@@ -521,11 +521,8 @@ def cmd_study(args: argparse.Namespace, protocol: Protocol) -> None:
 def trial_rows(study: optuna.Study, model: str, runs: Path) -> list[dict]:
     """A row per trial; work of a retried trial is in its retry's row (same run directory)."""
     trials = study.get_trials(deepcopy=False)
-    retried_as = {}
-    for trial in trials:
-        history = trial.system_attrs.get("retry_history", [])
-        if history:
-            retried_as[history[-1]] = trial.number
+    retry_of = {t.number: t.system_attrs.get("retry_history", [""])[-1] for t in trials}
+    retried_as = {of: number for number, of in retry_of.items() if of != ""}
     rows = []
     for trial in trials:
         run = trial.user_attrs.get("run", "")
@@ -533,7 +530,7 @@ def trial_rows(study: optuna.Study, model: str, runs: Path) -> list[dict]:
             "model": model,
             "trial": trial.number,
             "run": run,
-            "retry_of": trial.system_attrs.get("failed_trial", ""),
+            "retry_of": retry_of[trial.number],  # the trial it retries directly
             "retried_as": retried_as.get(trial.number, ""),
             "state": {
                 TrialState.COMPLETE: "complete",

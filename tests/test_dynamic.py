@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mogrifier_fast.lm import dynamic, train
 from mogrifier_fast.lm.data import batchify
@@ -87,12 +89,83 @@ def test_dynamic_evaluation_lowers_the_validation_loss(run, stats) -> None:
     assert abs(first - evaluate(model, valid[:6], 5)) < 1e-5
 
 
+def tiny_model() -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(len(WORDS), emb=6, hidden=7, rounds=2).eval()
+
+
+def by_hand(model: LanguageModel, data: torch.Tensor, bptt: int):
+    """Over the ``bptt``-row segments of ``data`` (T, B), the state carried: each segment's
+    summed cross-entropy, its target count and the gradients of its mean, as the module
+    docstring defines them, written out apart from the code under test."""
+    state = None
+    for start in range(0, data.shape[0] - 1, bptt):
+        inputs, targets = data[start : start + bptt], data[start + 1 : start + 1 + bptt]
+        model.zero_grad(set_to_none=True)
+        logits, state = model(inputs, state)
+        loss = F.cross_entropy(logits.reshape(-1, len(WORDS)), targets.reshape(-1), reduction="sum")
+        (loss / targets.numel()).backward()
+        state = [(h.detach(), c.detach()) for h, c in state]
+        yield loss.item(), targets.numel(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_gradient_statistics_are_the_mean_squared_gradient_of_each_segment() -> None:
+    model = tiny_model()
+    data = torch.randint(len(WORDS), (16, 3), generator=torch.Generator().manual_seed(1))
+    grads = [g for _, _, g in by_hand(model, data, 5)]  # three segments of 5 rows
+    for max_tokens, used in ((None, 3), (16, 2)):  # 15 targets per segment: 16 needs two
+        got = gradient_statistics(model, data, 5, max_tokens=max_tokens)
+        for name, value in got.items():
+            want = sum(g[name] ** 2 for g in grads[:used]) / used
+            torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-12)
+
+
+def test_each_update_follows_the_rule_of_the_module_docstring(monkeypatch) -> None:
+    """theta <- theta - lr g / (r + eps) + min(1, decay r / mean r) (theta0 - theta), the
+    parameters checked as each segment is scored; one entry's decay rate is clamped at 1."""
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(2)
+    data = torch.randint(len(WORDS), (16, 1), generator=generator)
+    lr, decay, eps = 0.02, 0.3, 1e-3
+    stats = {n: torch.rand(p.shape, generator=generator) * 1e-2 + 1e-4 for n, p in model.named_parameters()}  # fmt: skip
+    first = next(iter(stats))
+    stats[first].view(-1)[0] = 1e4  # decay * r / mean r > 1 there
+    rms = {n: s.sqrt() for n, s in stats.items()}
+    mean_rms = sum(r.sum() for r in rms.values()) / sum(r.numel() for r in rms.values())
+    assert decay * rms[first].view(-1)[0] / mean_rms > 1
+    seen = []  # the parameters each segment was scored with
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a: seen.append({n: p.detach().clone() for n, p in model.named_parameters()}) or forward(*a))  # fmt: skip
+    got = dynamic_evaluate(model, data, 5, lr, decay, stats, epsilon=eps, progress=False)
+    monkeypatch.undo()
+
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected, loss_sum, count = [], 0.0, 0
+    for loss, tokens, grads in by_hand(model, data, 5):
+        expected.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        loss_sum, count = loss_sum + loss, count + tokens
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                rate = torch.clamp(decay * rms[n] / mean_rms, max=1.0)
+                p.copy_(p - lr * grads[n] / (rms[n] + eps) + rate * (theta0[n] - p))
+    assert len(seen) == len(expected) == 3
+    for used, want in zip(seen, expected, strict=True):
+        for name in want:
+            torch.testing.assert_close(used[name], want[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(seen[2][first], seen[0][first])  # the updates moved the weights
+    assert math.isclose(got, loss_sum / count, rel_tol=1e-5)
+
+
 def test_statistics_are_taken_without_dropout() -> None:
     torch.manual_seed(0)
     model = LanguageModel(len(WORDS), emb=8, hidden=16, rounds=2, dropout_input=0.5, dropout_output=0.5)  # fmt: skip
     data = torch.randint(len(WORDS), (20, 3))
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
     first, second = gradient_statistics(model, data, 6), gradient_statistics(model, data, 6)
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert model.training  # the gradients it found are not left behind
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
     assert all(torch.equal(first[n], second[n]) for n in first)  # no random masks
     assert sum(s.sum() for s in first.values()) > 0
 
@@ -103,9 +176,13 @@ def test_parameters_are_restored_bit_identical_even_after_an_exception(
     model, corpus, _ = _load_run(run, "cpu")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
     valid = batchify(corpus.valid, 1)
     dynamic_evaluate(model, valid, 5, LR, DECAY, stats, progress=False)
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert model.training
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     forward, calls, moved = model.forward, [0], []
@@ -127,8 +204,12 @@ def test_parameters_are_restored_bit_identical_even_after_an_exception(
 def test_choose_dynamic_returns_the_best_setting_on_a_validation_prefix(run, stats) -> None:
     model, corpus, _ = _load_run(run, "cpu")
     valid = batchify(corpus.valid, 1)
-    lr, decay, loss = choose_dynamic(model, valid, 5, stats, lrs=[1e-6, LR, 100.0], decays=[DECAY], max_tokens=60, progress=False)  # fmt: skip
-    assert (lr, decay) == (LR, DECAY)  # lr 100 diverges and loses
+    diverging = 1e6
+    assert not math.isfinite(dynamic_evaluate(model, valid[:61], 5, diverging, DECAY, stats, progress=False))  # fmt: skip
+    lr, decay, loss = choose_dynamic(model, valid, 5, stats, lrs=[diverging, 1e-6, LR], decays=[DECAY], max_tokens=60, progress=False)  # fmt: skip
+    assert (lr, decay) == (LR, DECAY)  # the diverging setting, first, loses
+    with pytest.raises(ValueError, match="every setting made the validation loss non-finite"):
+        choose_dynamic(model, valid, 5, stats, lrs=[diverging], decays=[DECAY], max_tokens=60, progress=False)  # fmt: skip
     assert loss == dynamic_evaluate(model, valid[:61], 5, LR, DECAY, stats, progress=False)
     with pytest.raises(ValueError, match=r"^lr: expected a finite value > 0, got 0"):
         dynamic_evaluate(model, valid, 5, 0, DECAY, stats)
@@ -194,6 +275,32 @@ def test_statistics_are_not_stored_in_a_file_changed_meanwhile(
     main_eval([str(checkpoint_copy), "--text", str(own), "--dynamic", "--no-progress"])
     assert "changed since it was read; the RMS statistics are not stored" in capsys.readouterr().err
     assert "dynamic_stats" not in torch.load(checkpoint_copy, weights_only=True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("bptt", 3), ("batch_size", 1), ("tokens", None)])
+def test_stored_statistics_of_another_setting_are_computed_again(
+    checkpoint_copy, tmp_path, capsys, key, value
+) -> None:
+    """Statistics stored for another batchification (or an entry missing its token count)
+    are not used: they are computed again and stored in their place."""
+    own = tmp_path / "own.txt"
+    own.write_text("the cat sat on a mat\n")
+    argv = [str(checkpoint_copy), "--text", str(own), "--dynamic", "--no-progress"]
+    main_eval(argv)
+    checkpoint = torch.load(checkpoint_copy, weights_only=True)
+    stats = checkpoint["dynamic_stats"]
+    if value is None:
+        del stats[key]
+    else:
+        stats[key] = value
+    torch.save(checkpoint, checkpoint_copy)
+    capsys.readouterr()
+    main_eval(argv)
+    err = capsys.readouterr().err
+    assert "training tokens stored in" in err and "read from" not in err
+    assert (
+        load_checkpoint(checkpoint_copy, required=("dynamic_stats",))["dynamic_stats"]["bptt"] == 8
+    )
 
 
 def test_dynamic_tune_chooses_on_validation_only(checkpoint_copy, capsys, monkeypatch) -> None:

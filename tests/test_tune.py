@@ -22,6 +22,7 @@ import pytest
 from tests.test_lm import corpus_dir  # noqa: F401  (the tiny word corpus fixture)
 
 optuna = pytest.importorskip("optuna", reason="optuna is not installed (pip install -e .[dev])")
+stats = pytest.importorskip("scipy.stats", reason="scipy is not installed (pip install -e .[dev])")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "tune.py"
@@ -78,11 +79,17 @@ def test_sizes_match_the_lstm_count() -> None:
 def test_loss_line() -> None:
     static = "test: loss 4.6052 nats per token, perplexity 100.000, 82,430 tokens\n"
     assert tune.loss_line(static)[0] == 4.6052
-    dynamic = (
-        "valid: lr 1e-4, decay 0.02: loss 4.9 nats per token\n"
-        "test (dynamic): loss 4.25e+00 nats per token, perplexity 70.1, 82,430 tokens\n"
+    dynamic = (  # as mogrifier-eval --split test --dynamic --dynamic-tune prints it
+        "chosen on the first 30,000 validation tokens: --dynamic-lr 1e-05 --dynamic-decay 0.003 "
+        "(validation loss 4.9123)\n"
+        "test: loss 4.2500 nats per token, perplexity 70.105, 82,430 tokens (dynamic evaluation, "
+        "lr 1e-05, decay 0.003, segment 5)\n"
     )
-    assert tune.loss_line(dynamic)[0] == 4.25
+    loss, line = tune.loss_line(dynamic)
+    assert loss == 4.25 and tune.setting(line) == "dynamic evaluation, lr 1e-05, decay 0.003, segment 5"  # fmt: skip
+    flags = tune.dynamic_flags({"line": line})
+    assert flags == ["--dynamic", "--dynamic-lr", "1e-05", "--dynamic-decay", "0.003"]
+    assert tune.loss_line("valid: loss 4.9 nats per token\ntest: loss 4.25e+00 nats per token")[0] == 4.25  # fmt: skip
     assert tune.loss_line("dynamic evaluation: loss 3.5 nats per token")[0] == 3.5
     with pytest.raises(tune.TuneError, match="nats per token"):
         tune.loss_line("test: perplexity 100.0")[0]
@@ -180,9 +187,71 @@ def test_summary_welch(capsys) -> None:
     tune.summarize(rows)
     out = capsys.readouterr().out
     assert "static test perplexity, lstm: 101.00 +- 1.00 (3 seeds)" in out
-    assert "mogrifier - lstm = -4.83 perplexity; Welch's t = " in out and "p = 0.0" in out
+    welch = stats.ttest_ind([95.0, 96.5, 97.0], [100.0, 101.0, 102.0], equal_var=False)
+    assert f"mogrifier - lstm = -4.83 perplexity; Welch's t = {welch.statistic:.2f}, p = {welch.pvalue:.3g}" in out  # fmt: skip
     assert "dynamic: no results" in out
     assert "mogrifier: 3 final runs, training 1.50 h, test evaluation 0.30 h" in out
+
+
+def test_pruned_diverged_and_interrupted_trials(corpus_dir, tmp_path, capsys, monkeypatch) -> None:  # noqa: F811
+    """With mogrifier-train replaced by a writer of given validation curves: the median pruner
+    stops a trailing trial (its watcher raises, which stops the process), a non-finite loss
+    prunes a trial as diverged, SIGTERM stops the study (the trial marked failed) and a rerun
+    retries that trial; a second tuner on a locked study is refused."""
+    curves = iter([[5, 4, 3, 2, 1], [9, 9, 9, 9, 9], "diverge", "sigterm", [4, 3, 2, 1, 1]])
+    stopped_at = []
+
+    def fake_run_child(target, argv, log, watch=None):
+        out = Path(argv[argv.index("--out") + 1])
+        curve = next(curves)
+        if curve == "diverge":
+            return 1, "mogrifier-train: error: non-finite training loss at step 3; stopped"
+        if curve == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # tune.main's handler: KeyboardInterrupt
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.csv").write_text("step,split,loss,elapsed_s\n")
+        for i, loss in enumerate(curve, 1):
+            with open(out / "metrics.csv", "a") as file:
+                file.write(f"{2 * i},valid,{loss},{i}\n")
+            try:
+                watch()
+            except optuna.TrialPruned:
+                stopped_at.append(2 * i)
+                raise
+        return 0, ""
+
+    monkeypatch.setattr(tune, "run_child", fake_run_child)
+    monkeypatch.setattr(tune, "PRUNER_STARTUP", 1)  # prune from the second trial on
+    runs = tmp_path / "runs"
+    common = ["study", "--model", "lstm", "--runs", str(runs), "--data", str(corpus_dir), *SIZES]
+    out = tune_main(capsys, *common, "--trials", "3")
+    assert "lstm trial 0: complete" in out
+    # trial 1's best (9) trails the completed trials' median (trial 0's 3) at step 6, the first
+    # step past the warm-up
+    assert stopped_at == [6] and "lstm trial 1: pruned at step 6" in out
+    assert "lstm trial 2: diverged (non-finite loss); pruned" in out
+
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([*common, "--trials", "4"])
+    assert exit_info.value.code == 130
+    assert "interrupted; run the same command again" in capsys.readouterr().err
+    out = tune_main(capsys, *common, "--trials", "4")
+    assert "trial 3 failed (interrupted or crashed); retrying it" in out
+    assert "lstm trial 4 (run lstm-003): complete" in out
+
+    protocol = tune.Protocol(str(corpus_dir), 64, 64, 10, 2, 200)
+    study, _ = tune.open_study(protocol, "lstm", runs, create=False)
+    rows = tune.trial_rows(study, "lstm", runs)
+    assert [(r["state"], r["diverged"], r["steps"]) for r in rows] == [
+        ("complete", False, 10), ("pruned", False, 6), ("pruned", True, 0),
+        ("failed", False, ""), ("complete", False, 10),
+    ]  # fmt: skip
+    assert (rows[3]["retried_as"], rows[4]["retry_of"]) == (4, 3)
+    lock = runs / f"{protocol.study_name('lstm')}.lock"
+    with tune.locked(lock), pytest.raises(SystemExit) as exit_info:
+        tune.main([*common, "--trials", "5"])
+    assert exit_info.value.code == 1
+    assert "another process is running this" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

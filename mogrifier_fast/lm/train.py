@@ -690,6 +690,7 @@ def _dynamic_stats_usable(stored: object, model: LanguageModel, config: dict) ->
     return (
         stored.get("batch_size") == config["batch_size"]
         and stored.get("bptt") == config["bptt"]
+        and isinstance(stored.get("tokens"), int)
         and set(mean_squared) == set(shapes)
         and all(
             isinstance(t, Tensor) and t.shape == shapes[name] for name, t in mean_squared.items()
