@@ -156,16 +156,26 @@ def test_each_update_follows_the_rule_of_the_module_docstring(monkeypatch) -> No
     assert math.isclose(got, loss_sum / count, rel_tol=1e-5)
 
 
+def set_random_grads(model: LanguageModel) -> list[torch.Tensor]:
+    """Give every parameter a random gradient; returns copies of them."""
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g.clone()
+    return grads
+
+
+def grads_are(model: LanguageModel, grads: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+
+
 def test_statistics_are_taken_without_dropout() -> None:
     torch.manual_seed(0)
     model = LanguageModel(len(WORDS), emb=8, hidden=16, rounds=2, dropout_input=0.5, dropout_output=0.5)  # fmt: skip
     data = torch.randint(len(WORDS), (20, 3))
-    grads = [torch.randn_like(p) for p in model.parameters()]
-    for p, g in zip(model.parameters(), grads, strict=True):
-        p.grad = g.clone()
+    grads = set_random_grads(model)
     first, second = gradient_statistics(model, data, 6), gradient_statistics(model, data, 6)
     assert model.training  # the gradients it found are not left behind
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert grads_are(model, grads)
     assert all(torch.equal(first[n], second[n]) for n in first)  # no random masks
     assert sum(s.sum() for s in first.values()) > 0
 
@@ -176,13 +186,11 @@ def test_parameters_are_restored_bit_identical_even_after_an_exception(
     model, corpus, _ = _load_run(run, "cpu")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = [torch.randn_like(p) for p in model.parameters()]
-    for p, g in zip(model.parameters(), grads, strict=True):
-        p.grad = g.clone()
+    grads = set_random_grads(model)
     valid = batchify(corpus.valid, 1)
     dynamic_evaluate(model, valid, 5, LR, DECAY, stats, progress=False)
     assert model.training
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert grads_are(model, grads)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     forward, calls, moved = model.forward, [0], []
