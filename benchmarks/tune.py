@@ -5,7 +5,7 @@ then the best setting of each trained at the final budget on several seeds.
     python benchmarks/tune.py study --model mogrifier
     python benchmarks/tune.py trials                          # tune-trials.csv, tune-importances.csv
     python benchmarks/tune.py finals --seeds 0,1,2            # tune-finals.csv, tune-final-curves.csv
-    (or `finals --model lstm` and `finals --model mogrifier` side by side, then `finals`)
+    (or `finals --model lstm` and `finals --model mogrifier` side by side)
     python benchmarks/tune.py summary                         # mean +- std, Welch's t-test
 
 Both studies get the same search space (the Mogrifier's rounds and rank on top), the same number
@@ -20,7 +20,10 @@ failed) by a stopped process is retried with the same parameters
 (``RetryHeartbeatStaleTrialCallback``) and continues its run directory from the latest
 checkpoint (one per evaluation), so rerunning the same command loses at most one evaluation's
 training.
-The finals and their evaluations are cached in their run directories in the same way.
+The finals and their evaluations are cached in their run directories in the same way. The
+finals take each model's best completed trial from the trials CSV (no study database needed) and
+add each run to the finals CSVs as soon as it is tested: the CSVs are the record, a run directory
+only a cache, so a recorded run whose directory is gone is kept, not trained again.
 """
 
 from __future__ import annotations
@@ -317,8 +320,9 @@ def storage(runs: Path) -> RDBStorage:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """One process at a time per study (or for the finals); another gets a clear error."""
+def locked(path: Path, wait: bool = False) -> Iterator[None]:
+    """One process at a time per study (or per model's finals): another gets a clear error, or
+    with ``wait`` waits its turn (a short update of a shared file)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -327,7 +331,7 @@ def locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as file:
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise TuneError(f"another process is running this ({path} is locked)") from None
         yield
@@ -667,15 +671,16 @@ def setting(line: str) -> str:
     return found[-1] if found else ""
 
 
-def dynamic_flags(chosen_by: dict | None) -> list[str]:
+def dynamic_flags(chosen: str | None) -> list[str]:
     """mogrifier-eval's dynamic-evaluation flags: the learning rate and decay chosen on the
-    validation split (--dynamic-tune) or, given the cached evaluation of the model's first seed,
-    the pair chosen there (dynamic evaluation's hyperparameters are tuned once per model)."""
-    if chosen_by is None:
+    validation split (--dynamic-tune) or, given how the model's first seed was evaluated (its
+    ``dynamic_setting``, "dynamic evaluation, lr X, decay Y, ..."), the pair chosen there
+    (dynamic evaluation's hyperparameters are tuned once per model)."""
+    if chosen is None:
         return ["--dynamic", "--dynamic-tune"]
-    found = re.search(r"\blr ([^,\s]+), decay ([^,\s]+)", chosen_by["line"])
+    found = re.search(r"\blr ([^,\s]+), decay ([^,\s]+)", chosen)
     if found is None:
-        raise TuneError(f"no 'lr X, decay Y' in the dynamic evaluation line {chosen_by['line']!r}")
+        raise TuneError(f"no 'lr X, decay Y' in the first seed's dynamic setting {chosen!r}")
     return ["--dynamic", "--dynamic-lr", found[1], "--dynamic-decay", found[2]]
 
 
@@ -748,92 +753,155 @@ def train_final(out: Path, config: dict, model: str, steps: int) -> list[Evaluat
     return valid_rows(out)
 
 
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def record(path: Path, rows: list[dict], model: str, seed: int) -> None:
+    """Put ``rows`` into the CSV at ``path`` in place of its rows of (model, seed), under a lock
+    (finals of both models may run side by side); rows in model, seed, step order."""
+    with locked(path.with_name(f".{path.name}.lock"), wait=True):
+        kept = [r for r in read_csv(path) if (r["model"], str(r["seed"])) != (model, str(seed))]
+        merged = sorted(
+            [*kept, *rows],
+            key=lambda r: (MODELS.index(r["model"]), int(r["seed"]), int(r.get("step", 0))),
+        )
+        write_csv(path, merged)
+
+
+def best_configuration(path: Path, protocol: Protocol, vocab: int, model: str) -> dict:
+    """The model's best completed trial in the trials CSV (``tune.py trials`` writes it from
+    the study; the finals need no study database). Refuses a CSV tuned under other settings."""
+    rows = [r for r in read_csv(path) if r["model"] == model and r["state"] == "complete"]
+    if not rows:
+        raise TuneError(
+            f"--trials: {path} holds no completed {model} trial; run the studies and "
+            "`tune.py trials` first"
+        )
+    best = min(rows, key=lambda r: float(r["best_valid_loss"]))
+    params = {name: float(best[name]) for name in FLOATS}
+    if model == "mogrifier":
+        params |= {name: int(best[name]) for name in CHOICES}
+    hidden, count, _ = sizes(protocol, vocab, model, params)
+    tuned = (
+        int(best["hidden"]),
+        int(best["parameters"]),
+        int(best["tokens"]) // int(best["steps"]),
+    )
+    if tuned != (hidden, count, protocol.batch * protocol.bptt):
+        raise TuneError(
+            f"--trials: {model} trial {best['trial']} in {path} was tuned under other settings "
+            f"(hidden {tuned[0]}, {tuned[1]:,} parameters, {tuned[2]} tokens per step; these "
+            f"give hidden {hidden}, {count:,} parameters, {protocol.batch * protocol.bptt})"
+        )
+    return best | {"params": params}
+
+
+def final_row(
+    model: str, seed: int, best: dict, evaluations: list[Evaluation], cache: dict, per_step: int
+) -> dict:
+    """The finals CSV row of a trained and tested run."""
+    best_valid = min(e.loss for e in evaluations)
+    static = cache["static"]["loss"]
+    dynamic = cache.get("dynamic", {}).get("loss")
+    return (
+        {
+            "model": model,
+            "seed": seed,
+            "trial": int(best["trial"]),
+            "parameters": int(best["parameters"]),
+            "target_parameters": int(best["target_parameters"]),
+            "hidden": int(best["hidden"]),
+        }
+        | {name: best["params"].get(name, "") for name in PARAMS}
+        | {
+            "steps": evaluations[-1].step,
+            "tokens": evaluations[-1].step * per_step,
+            "best_valid_loss": round(best_valid, 6),
+            "best_valid_perplexity": round(math.exp(best_valid), 3),
+            "static_test_loss": round(static, 6),
+            "static_test_perplexity": round(math.exp(static), 3),
+            "dynamic_test_loss": "" if dynamic is None else round(dynamic, 6),
+            "dynamic_test_perplexity": "" if dynamic is None else round(math.exp(dynamic), 3),
+            "dynamic_setting": setting(cache.get("dynamic", {}).get("line", "")),
+            "train_wall_s": round(evaluations[-1].elapsed_s, 1),
+            "eval_wall_s": round(sum(c["wall_s"] for k, c in cache.items() if k != "key"), 1),
+        }
+    )
+
+
+def is_recorded(row: dict | None, best: dict, steps: int, dynamic: bool) -> bool:
+    """Whether a finals CSV row is the result of this configuration and budget (and holds a
+    dynamic evaluation if one is asked for)."""
+    return (
+        row is not None
+        and row["trial"] == str(best["trial"])
+        and all(row[name] == best[name] for name in PARAMS)
+        and row["steps"] == str(steps)
+        and (not dynamic or row["dynamic_test_loss"] != "")
+    )
+
+
 def cmd_finals(args: argparse.Namespace, protocol: Protocol) -> None:
     vocab = len(load_corpus(protocol.data).vocab)
-    rows, curves = [], []
     models = MODELS if args.model is None else (args.model,)
-    collect = args.model is None  # the CSVs hold both models: written by a call for both
+    per_step = protocol.batch * protocol.bptt
     with contextlib.ExitStack() as stack:
         for model in models:  # one process per model at a time
             stack.enter_context(locked(args.runs / f"finals-{model}.lock"))
         for model in models:
-            study, _ = open_study(protocol, model, args.runs, create=False)
-            check_protocol(
-                study,
-                protocol,
-                ("data", "emb", "layers", "target_hidden", "eval_tokens", "bptt", "batch"),
-            )
-            if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                raise TuneError(f"study {study.study_name} has no completed trial yet")
-            best = study.best_trial
-            params = best.params
-            hidden, count, target = sizes(protocol, vocab, model, params)
-            config = run_config(protocol, model, hidden, params, 0, args.eval_every)
+            best = best_configuration(args.trials, protocol, vocab, model)
+            config = run_config(protocol, model, int(best["hidden"]), best["params"], 0, args.eval_every)  # fmt: skip
             say(
-                f"{model}: the best of {len(finished(study))} finished trials is {best.number} "
-                f"(valid perplexity {math.exp(best.value):.2f}); hidden {hidden}, {count:,} parameters"
+                f"{model}: the best completed trial is {best['trial']} (valid perplexity "
+                f"{float(best['best_valid_perplexity']):.2f}); hidden {best['hidden']}, "
+                f"{int(best['parameters']):,} parameters"
             )
-            first: dict = {}  # the first seed's evaluations (its dynamic setting is reused)
+            recorded = {r["seed"]: r for r in read_csv(args.out) if r["model"] == model}
+            # dynamic evaluation's (lr, decay): chosen by the first seed evaluated, then reused
+            chosen = next(
+                ((int(s), r["dynamic_setting"]) for s, r in sorted(recorded.items(), key=lambda i: int(i[0])) if r["dynamic_setting"]),
+                None,
+            )  # fmt: skip
             for seed in args.seeds:
                 out = args.runs / "finals" / f"{model}-seed{seed}"
+                row = recorded.get(str(seed))
+                if not any(out.glob("checkpoint-*.pt")) and is_recorded(
+                    row, best, args.final_steps, not args.no_dynamic
+                ):
+                    # the CSVs are the record; a run directory is a cache that may be gone
+                    say(f"{out.name}: recorded in {args.out.name} (no run directory; kept)")
+                    continue
                 config["seed"] = seed
                 evaluations = train_final(out, config, model, args.final_steps)
-                flags = None if args.no_dynamic else dynamic_flags(first.get("dynamic"))
+                flags = None
+                if not args.no_dynamic:
+                    flags = dynamic_flags(
+                        None if chosen is None or chosen[0] == seed else chosen[1]
+                    )
                 cache = evaluate_final(out, flags)
-                first = first or cache
-                best_valid = min(e.loss for e in evaluations)
-                static = cache["static"]["loss"]
-                dynamic = cache.get("dynamic", {}).get("loss")
-                rows.append(
-                    {
-                        "model": model,
-                        "seed": seed,
-                        "trial": best.number,
-                        "parameters": count,
-                        "target_parameters": target,
-                        "hidden": hidden,
-                    }
-                    | {name: params.get(name, "") for name in PARAMS}
-                    | {
-                        "steps": evaluations[-1].step,
-                        "tokens": evaluations[-1].step * protocol.batch * protocol.bptt,
-                        "best_valid_loss": round(best_valid, 6),
-                        "best_valid_perplexity": round(math.exp(best_valid), 3),
-                        "static_test_loss": round(static, 6),
-                        "static_test_perplexity": round(math.exp(static), 3),
-                        "dynamic_test_loss": "" if dynamic is None else round(dynamic, 6),
-                        "dynamic_test_perplexity": ""
-                        if dynamic is None
-                        else round(math.exp(dynamic), 3),
-                        "dynamic_setting": setting(cache.get("dynamic", {}).get("line", "")),
-                        "train_wall_s": round(evaluations[-1].elapsed_s, 1),
-                        "eval_wall_s": round(
-                            sum(c["wall_s"] for k, c in cache.items() if k != "key"), 1
-                        ),
-                    }
-                )
-                curves += [
+                row = final_row(model, seed, best, evaluations, cache, per_step)
+                if chosen is None and row["dynamic_setting"]:
+                    chosen = (seed, row["dynamic_setting"])
+                curves = [
                     {
                         "model": model,
                         "seed": seed,
                         "step": e.step,
-                        "tokens": e.step * protocol.batch * protocol.bptt,
+                        "tokens": e.step * per_step,
                         "loss": round(e.loss, 6),
                         "perplexity": round(math.exp(e.loss), 3),
                         "wall_s": round(e.elapsed_s, 1),
                     }
                     for e in evaluations
                 ]
-                if collect:
-                    write_csv(args.out, rows)
-                    write_csv(args.curves, curves)
-    if collect:
-        say(f"wrote {args.out} and {args.curves}")
-        summarize(rows)
-    else:
-        say(
-            f"{args.model}: done; `tune.py finals` without --model writes the CSVs (from the cache)"
-        )
+                record(args.curves, curves, model, seed)
+                record(args.out, [row], model, seed)
+                say(f"{out.name}: recorded in {args.out} and {args.curves}")
+    summarize(read_csv(args.out))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -967,14 +1035,20 @@ def build_parser() -> argparse.ArgumentParser:
     finals.add_argument(
         "--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)"
     )
+    finals.add_argument(
+        "--trials",
+        type=Path,
+        default=RESULTS / "tune-trials.csv",
+        help="the trials CSV the best configurations are read from (default %(default)s)",
+    )
     finals.add_argument("--out", type=Path, default=RESULTS / "tune-finals.csv")
     finals.add_argument("--curves", type=Path, default=RESULTS / "tune-final-curves.csv")
     finals.add_argument("--no-dynamic", action="store_true", help="static test evaluation only")
     finals.add_argument(
         "--model",
         choices=MODELS,
-        help="this model's runs only (one process per model can run side by side); the CSVs "
-        "are written by a call without --model, which finds the runs done",
+        help="this model's runs only (one process per model can run side by side; each adds "
+        "its finished runs to the CSVs)",
     )
     summary = commands.add_parser(
         "summary", parents=[common], help="mean +- std over seeds, Welch's t-test"

@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def test_loss_line() -> None:
     )
     loss, line = tune.loss_line(dynamic)
     assert loss == 4.25 and tune.setting(line) == "dynamic evaluation, lr 1e-05, decay 0.003, segment 5"  # fmt: skip
-    flags = tune.dynamic_flags({"line": line})
+    flags = tune.dynamic_flags(tune.setting(line))
     assert flags == ["--dynamic", "--dynamic-lr", "1e-05", "--dynamic-decay", "0.003"]
     assert tune.loss_line("valid: loss 4.9 nats per token\ntest: loss 4.25e+00 nats per token")[0] == 4.25  # fmt: skip
     assert tune.loss_line("dynamic evaluation: loss 3.5 nats per token")[0] == 3.5
@@ -115,10 +116,10 @@ def test_bad_arguments_name_the_argument_and_the_value(argv, message, tmp_path, 
 
 def test_later_seeds_reuse_the_dynamic_setting_chosen_for_the_first() -> None:
     assert tune.dynamic_flags(None) == ["--dynamic", "--dynamic-tune"]
-    line = "test: loss 4.3 nats per token, perplexity 73.7, 82,430 tokens (dynamic evaluation, lr 3e-05, decay 0.001, segment 5)"  # fmt: skip
-    assert tune.dynamic_flags({"line": line}) == ["--dynamic", "--dynamic-lr", "3e-05", "--dynamic-decay", "0.001"]  # fmt: skip
+    chosen = "dynamic evaluation, lr 3e-05, decay 0.001, segment 5"
+    assert tune.dynamic_flags(chosen) == ["--dynamic", "--dynamic-lr", "3e-05", "--dynamic-decay", "0.001"]  # fmt: skip
     with pytest.raises(tune.TuneError, match="no 'lr X, decay Y'"):
-        tune.dynamic_flags({"line": "test: loss 4.3 nats per token (static evaluation)"})
+        tune.dynamic_flags("static evaluation")
 
 
 def test_evaluate_final_tunes_dynamic_evaluation_once_and_caches(tmp_path, monkeypatch) -> None:
@@ -146,7 +147,8 @@ def test_evaluate_final_tunes_dynamic_evaluation_once_and_caches(tmp_path, monke
         )
         runs.append(out)
     first = tune.evaluate_final(runs[0], tune.dynamic_flags(None))
-    later = tune.evaluate_final(runs[1], tune.dynamic_flags(first["dynamic"]))
+    chosen = tune.setting(first["dynamic"]["line"])
+    later = tune.evaluate_final(runs[1], tune.dynamic_flags(chosen))
     assert calls == [[], ["--dynamic", "--dynamic-tune"], [], ["--dynamic", "--dynamic-lr", "3e-05", "--dynamic-decay", "0.001"]]  # fmt: skip
     assert (first["static"]["loss"], first["dynamic"]["loss"], later["dynamic"]["loss"]) == (
         5,
@@ -154,7 +156,7 @@ def test_evaluate_final_tunes_dynamic_evaluation_once_and_caches(tmp_path, monke
         8,
     )
     assert tune.setting(later["dynamic"]["line"]) == "dynamic evaluation, lr 3e-05, decay 0.001, segment 5"  # fmt: skip
-    assert tune.evaluate_final(runs[1], tune.dynamic_flags(first["dynamic"])) == later
+    assert tune.evaluate_final(runs[1], tune.dynamic_flags(chosen)) == later
     assert len(calls) == 4  # cached: nothing evaluated again
     with open(runs[1] / "metrics.csv", "a") as file:  # the run trained on: evaluated again
         file.write("6,valid,4.8,3.0\n")
@@ -331,17 +333,21 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
 
     # The finals, one seed, then again: everything is cached.
     finals, curves = tmp_path / "finals.csv", tmp_path / "curves.csv"
-    # (dynamic evaluation: its own tests; the finals' use of it: test_evaluate_final_*)
-    argv = ["finals", "--seeds", "0", "--final-steps", "4", "--no-dynamic", "--out", str(finals), "--curves", str(curves), *common]  # fmt: skip
-    out = tune_main(capsys, *argv, "--model", "lstm")  # one model: trained, no CSV
-    assert "lstm-seed0: training steps 0-4" in out and "mogrifier" not in out
-    assert "without --model writes the CSVs" in out and not finals.exists()
+    # (dynamic evaluation: its own tests; the finals' use of it: test_evaluate_final_* and
+    # test_finals_resume_from_the_csvs)
+    argv = ["finals", "--seeds", "0", "--final-steps", "4", "--no-dynamic", "--trials", str(trials_csv), "--out", str(finals), "--curves", str(curves), *common]  # fmt: skip
+    out = tune_main(capsys, *argv, "--model", "lstm")  # one model: its run recorded at once
+    assert "lstm-seed0: training steps 0-4" in out and "mogrifier-seed0" not in out
+    with open(finals, newline="") as file:
+        assert [(r["model"], r["seed"]) for r in csv.DictReader(file)] == [("lstm", "0")]
     out = tune_main(capsys, *argv)
     assert "lstm-seed0: trained (4 steps)" in out and "mogrifier-seed0: training steps 0-4" in out
     with open(finals, newline="") as file:
         rows = list(csv.DictReader(file))
     assert [(r["model"], r["seed"], r["steps"]) for r in rows] == [("lstm", "0", "4"), ("mogrifier", "0", "4")]  # fmt: skip
-    for row in rows:
+    for row, trial in zip(rows, finished, strict=True):
+        assert row["trial"] == trial["trial"] and row["hidden"] == trial["hidden"]
+        assert all(row[name] == trial[name] for name in tune.PARAMS)
         assert math.isclose(float(row["static_test_perplexity"]), math.exp(float(row["static_test_loss"])), rel_tol=1e-4)  # fmt: skip
         assert row["dynamic_test_loss"] == row["dynamic_setting"] == ""
     with open(curves, newline="") as file:
@@ -351,3 +357,61 @@ def test_studies_resume_after_a_kill_then_trials_and_finals(corpus_dir, tmp_path
     out = tune_main(capsys, *argv)
     assert out.count("trained (4 steps)") == 2 and out.count("(cached)") == 2
     assert "Welch's t-test needs at least 2 seeds per model" in out
+    # A run directory gone (a new checkout): the recorded run is kept, not trained again.
+    recorded = finals.read_text()
+    shutil.rmtree(runs / "finals" / "lstm-seed0")
+    out = tune_main(capsys, *argv)
+    assert "lstm-seed0: recorded in finals.csv (no run directory; kept)" in out
+    assert "training steps" not in out and finals.read_text() == recorded
+    # The finals refuse a trials CSV tuned under other settings.
+    with pytest.raises(SystemExit):
+        tune.main([*argv, "--emb", "32"])
+    assert "was tuned under other settings (hidden 64, " in capsys.readouterr().err
+
+
+def test_finals_resume_from_the_csvs(corpus_dir, tmp_path, capsys, monkeypatch) -> None:  # noqa: F811
+    """With training and testing faked: each run is recorded as it finishes; a later call
+    (run directories gone) keeps the recorded seeds and gives a new seed the dynamic setting the
+    first seed chose."""
+    protocol = tune.Protocol(str(corpus_dir), 64, 64, 10, 2, 200)
+    vocab = len(tune.load_corpus(str(corpus_dir)).vocab)
+    params = {name: 0.1 for name in tune.FLOATS} | {"rounds": 5, "rank": 16}
+    hidden, count, target = tune.sizes(protocol, vocab, "mogrifier", params)
+    trials_csv = tmp_path / "trials.csv"
+    trial = {"model": "mogrifier", "trial": 3, "state": "complete", "best_valid_loss": 5.0, "best_valid_perplexity": 148.4}  # fmt: skip
+    worse = trial | {"trial": 4, "best_valid_loss": 5.5, "lr": 1.0}
+    sized = {"steps": 10, "tokens": 10 * 32 * 70, "hidden": hidden, "parameters": count, "target_parameters": target}  # fmt: skip
+    tune.write_csv(trials_csv, [trial | params | sized, worse | sized])
+    evaluated = []
+
+    def fake_train(out, config, model, steps):
+        assert config["lr"] == 0.1 and config["seed"] == int(out.name[-1])
+        return [tune.Evaluation(2, 5.0, 1.0), tune.Evaluation(steps, 4.5, 2.0)]
+
+    def fake_evaluate(out, flags):
+        evaluated.append((out.name, flags))
+        line = "test: loss 4.2 nats per token (dynamic evaluation, lr 1e-05, decay 0.003, segment 5)"  # fmt: skip
+        return {"static": {"loss": 4.4, "wall_s": 1.0}, "dynamic": {"loss": 4.2, "line": line, "wall_s": 2.0}}  # fmt: skip
+
+    monkeypatch.setattr(tune, "train_final", fake_train)
+    monkeypatch.setattr(tune, "evaluate_final", fake_evaluate)
+    finals, curves = tmp_path / "finals.csv", tmp_path / "curves.csv"
+    argv = ["finals", "--model", "mogrifier", "--data", str(corpus_dir), *SIZES, "--final-steps", "4", "--runs", str(tmp_path / "runs"), "--trials", str(trials_csv), "--out", str(finals), "--curves", str(curves)]  # fmt: skip
+    out = tune_main(capsys, *argv, "--seeds", "0,1")
+    assert "the best completed trial is 3" in out
+    chosen = ["--dynamic", "--dynamic-lr", "1e-05", "--dynamic-decay", "0.003"]
+    assert evaluated == [("mogrifier-seed0", ["--dynamic", "--dynamic-tune"]), ("mogrifier-seed1", chosen)]  # fmt: skip
+    rows = tune.read_csv(finals)
+    assert [(r["seed"], r["trial"], r["dynamic_test_loss"]) for r in rows] == [("0", "3", "4.2"), ("1", "3", "4.2")]  # fmt: skip
+    assert rows[0]["dynamic_setting"] == "dynamic evaluation, lr 1e-05, decay 0.003, segment 5"
+    assert [(r["seed"], r["step"]) for r in tune.read_csv(curves)] == [("0", "2"), ("0", "4"), ("1", "2"), ("1", "4")]  # fmt: skip
+    out = tune_main(capsys, *argv, "--seeds", "0,1,2")
+    assert out.count("(no run directory; kept)") == 2
+    assert evaluated[2:] == [("mogrifier-seed2", chosen)]
+    assert [r["seed"] for r in tune.read_csv(finals)] == ["0", "1", "2"]
+    assert "dynamic test perplexity, mogrifier: 66.69 +- 0.00 (3 seeds)" in out
+    # Another budget is not the recorded result: trained again.
+    out = tune_main(capsys, *argv, "--seeds", "0", "--final-steps", "6")
+    assert "kept" not in out and evaluated[3:] == [("mogrifier-seed0", ["--dynamic", "--dynamic-tune"])]  # fmt: skip
+    assert [(r["seed"], r["steps"]) for r in tune.read_csv(finals)] == [("0", "6"), ("1", "4"), ("2", "4")]  # fmt: skip
+    assert [(r["seed"], r["step"]) for r in tune.read_csv(curves)][:2] == [("0", "2"), ("0", "6")]
