@@ -775,6 +775,10 @@ def record(path: Path, rows: list[dict], model: str, seed: int) -> None:
 def best_configuration(path: Path, protocol: Protocol, vocab: int, model: str) -> dict:
     """The model's best completed trial in the trials CSV (``tune.py trials`` writes it from
     the study; the finals need no study database). Refuses a CSV tuned under other settings."""
+    if not path.exists():
+        raise TuneError(
+            f"--trials: {path} does not exist; run the studies and `tune.py trials` first"
+        )
     rows = [r for r in read_csv(path) if r["model"] == model and r["state"] == "complete"]
     if not rows:
         raise TuneError(

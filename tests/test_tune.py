@@ -105,6 +105,7 @@ def test_loss_line() -> None:
         (["study", "--model", "lstm", "--trial-steps", "5", "--eval-every", "2"], "--trial-steps: expected a multiple of --eval-every (2), got 5"),
         (["study", "--model", "mogrifier", "--emb", "32"], "--emb: expected >= 64 (the largest Mogrifier rank searched), got 32"),
         (["summary", "--finals", "/nonexistent/finals.csv"], "--finals: /nonexistent/finals.csv does not exist"),
+        (["finals", "--trials", "/nonexistent/trials.csv"], "--trials: /nonexistent/trials.csv does not exist"),
     ],
 )  # fmt: skip
 def test_bad_arguments_name_the_argument_and_the_value(argv, message, tmp_path, capsys) -> None:
