@@ -864,15 +864,13 @@ def cmd_finals(args: argparse.Namespace, protocol: Protocol) -> None:
                 f"{float(best['best_valid_perplexity']):.2f}); hidden {best['hidden']}, "
                 f"{int(best['parameters']):,} parameters"
             )
-            recorded = {r["seed"]: r for r in read_csv(args.out) if r["model"] == model}
+            recorded = {int(r["seed"]): r for r in read_csv(args.out) if r["model"] == model}
             # dynamic evaluation's (lr, decay): chosen by the first seed evaluated, then reused
-            chosen = next(
-                ((int(s), r["dynamic_setting"]) for s, r in sorted(recorded.items(), key=lambda i: int(i[0])) if r["dynamic_setting"]),
-                None,
-            )  # fmt: skip
+            settings = [(s, recorded[s]["dynamic_setting"]) for s in sorted(recorded)]
+            chosen = next(((s, text) for s, text in settings if text), None)
             for seed in args.seeds:
                 out = args.runs / "finals" / f"{model}-seed{seed}"
-                row = recorded.get(str(seed))
+                row = recorded.get(seed)
                 if not any(out.glob("checkpoint-*.pt")) and is_recorded(
                     row, best, args.final_steps, not args.no_dynamic
                 ):
@@ -953,8 +951,7 @@ def summarize(rows: list[dict]) -> None:
 def cmd_summary(args: argparse.Namespace, protocol: Protocol) -> None:
     if not args.finals.exists():
         raise TuneError(f"--finals: {args.finals} does not exist; run `tune.py finals` first")
-    with open(args.finals, newline="") as file:
-        summarize(list(csv.DictReader(file)))
+    summarize(read_csv(args.finals))
 
 
 # ----------------------------------------------------------------------------- command line
