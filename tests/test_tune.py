@@ -167,9 +167,11 @@ def test_evaluate_final_tunes_dynamic_evaluation_once_and_caches(tmp_path, monke
 
 def test_importances_cover_every_searched_parameter() -> None:
     for model, searched in (("lstm", list(tune.FLOATS)), ("mogrifier", tune.PARAMS)):
-        study = optuna.create_study()
+        # seeded, and 16 trials: with 8 unseeded ones fANOVA ranked another parameter first
+        # for about 1 Mogrifier study in 7 (16 trials: first in 20 of 20 seeds tried)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         assert tune.importances(study, model) == []  # fewer than 2 completed trials: none
-        study.optimize(lambda t, model=model: math.log(tune.sample(t, model)["lr"]), n_trials=8)
+        study.optimize(lambda t, model=model: math.log(tune.sample(t, model)["lr"]), n_trials=16)
         found = {r["parameter"]: r["importance"] for r in tune.importances(study, model)}
         assert sorted(found) == sorted(searched) and math.isclose(sum(found.values()), 1, rel_tol=1e-3)  # fmt: skip
         assert max(found, key=found.get) == "lr"  # the only parameter the objective reads
